@@ -1,0 +1,153 @@
+"""modulart: operators over the modular inner structure of transformers, for any ``nn.Module``.
+
+Public names are imported lazily, so ``import modulart`` stays light (it never imports
+transformers or matplotlib).
+
+Example:
+    >>> import torch
+    >>> import modulart as mt
+    >>> model = torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.GELU(), torch.nn.Linear(32, 8))
+    >>> [f.d_ff for f in mt.find_ffns(model)]
+    [32]
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from modulart._version import __version__
+
+if TYPE_CHECKING:
+    from modulart.core.arch import (
+        FFNLayout,
+        MoELayout,
+        register_ffn_layout,
+        register_moe_layout,
+    )
+    from modulart.core.errors import (
+        ConfigError,
+        HookError,
+        HooksNotFiredError,
+        IncompatibleArtifactError,
+        ModulartError,
+        OperatorNotFoundError,
+        SelectorError,
+        ShapeError,
+        UnsupportedModuleError,
+        UnsupportedOperationError,
+    )
+    from modulart.core.ffn import FFN, find_ffns
+    from modulart.core.hooks import HookHandle, HookRegistry, HookSite, HookSpec, Priority
+    from modulart.core.io import Fingerprint, fingerprint, from_pretrained, push_to_hub
+    from modulart.core.moe import MoE, find_moes
+    from modulart.core.operator import (
+        Handle,
+        Operator,
+        OperatorConfig,
+        available_operators,
+        get_operator,
+        register_operator,
+    )
+    from modulart.core.select import LayerSpec, Selector, as_selector, select_layers
+
+_EXPORTS: dict[str, str] = {
+    # hooks
+    "HookRegistry": "modulart.core.hooks",
+    "HookHandle": "modulart.core.hooks",
+    "HookSite": "modulart.core.hooks",
+    "HookSpec": "modulart.core.hooks",
+    "Priority": "modulart.core.hooks",
+    # selection
+    "Selector": "modulart.core.select",
+    "LayerSpec": "modulart.core.select",
+    "as_selector": "modulart.core.select",
+    "select_layers": "modulart.core.select",
+    # views and architecture tables
+    "FFN": "modulart.core.ffn",
+    "find_ffns": "modulart.core.ffn",
+    "MoE": "modulart.core.moe",
+    "find_moes": "modulart.core.moe",
+    "FFNLayout": "modulart.core.arch",
+    "MoELayout": "modulart.core.arch",
+    "register_ffn_layout": "modulart.core.arch",
+    "register_moe_layout": "modulart.core.arch",
+    # lifecycle
+    "Operator": "modulart.core.operator",
+    "OperatorConfig": "modulart.core.operator",
+    "Handle": "modulart.core.operator",
+    "register_operator": "modulart.core.operator",
+    "get_operator": "modulart.core.operator",
+    "available_operators": "modulart.core.operator",
+    # artefacts
+    "Fingerprint": "modulart.core.io",
+    "fingerprint": "modulart.core.io",
+    "from_pretrained": "modulart.core.io",
+    "push_to_hub": "modulart.core.io",
+    # errors
+    "ModulartError": "modulart.core.errors",
+    "UnsupportedModuleError": "modulart.core.errors",
+    "SelectorError": "modulart.core.errors",
+    "ConfigError": "modulart.core.errors",
+    "ShapeError": "modulart.core.errors",
+    "IncompatibleArtifactError": "modulart.core.errors",
+    "HookError": "modulart.core.errors",
+    "HooksNotFiredError": "modulart.core.errors",
+    "OperatorNotFoundError": "modulart.core.errors",
+    "UnsupportedOperationError": "modulart.core.errors",
+}
+
+__all__ = [
+    "FFN",
+    "ConfigError",
+    "FFNLayout",
+    "Fingerprint",
+    "Handle",
+    "HookError",
+    "HookHandle",
+    "HookRegistry",
+    "HookSite",
+    "HookSpec",
+    "HooksNotFiredError",
+    "IncompatibleArtifactError",
+    "LayerSpec",
+    "MoE",
+    "MoELayout",
+    "ModulartError",
+    "Operator",
+    "OperatorConfig",
+    "OperatorNotFoundError",
+    "Priority",
+    "Selector",
+    "SelectorError",
+    "ShapeError",
+    "UnsupportedModuleError",
+    "UnsupportedOperationError",
+    "__version__",
+    "as_selector",
+    "available_operators",
+    "find_ffns",
+    "find_moes",
+    "fingerprint",
+    "from_pretrained",
+    "get_operator",
+    "push_to_hub",
+    "register_ffn_layout",
+    "register_moe_layout",
+    "register_operator",
+    "select_layers",
+]
+assert set(__all__) == {"__version__", *_EXPORTS}
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'modulart' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

@@ -1,0 +1,416 @@
+"""Per-family architecture knowledge, as data.
+
+Nothing in modulart branches on model names. What a family's feed-forward and MoE blocks look like
+lives here, in two tables keyed by module class (looked up along the MRO, so subclasses inherit
+their parent's layout; classes may be given by name, so transformers is never imported):
+
+- :data:`FFN_LAYOUTS`: module class -> :class:`FFNLayout` (where the key / up / value projections
+  and the activation live, relative to the block);
+- :data:`MOE_LAYOUTS`: module class -> :class:`MoELayout` (router, expert storage, scoring rule,
+  shared experts).
+
+Models that are not in the tables are handled by generic discovery (:func:`infer_ffn_layout`,
+:func:`infer_moe_layout`) or by a user adapter, a few lines:
+
+Example:
+    >>> import torch
+    >>> from torch import nn
+    >>> import modulart as mt
+    >>> class MyMLP(nn.Module):
+    ...     def __init__(self):
+    ...         super().__init__()
+    ...         self.inp, self.out = nn.Linear(8, 32), nn.Linear(32, 8)
+    ...     def forward(self, x):
+    ...         return self.out(torch.nn.functional.gelu(self.inp(x)))
+    >>> mt.register_ffn_layout(MyMLP, mt.FFNLayout(key="inp", value="out", activation=torch.nn.functional.gelu))
+    >>> [f.path for f in mt.find_ffns(nn.Sequential(MyMLP(), MyMLP()))]
+    ['0', '1']
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Generic, Literal, TypeAlias, TypeVar
+
+import torch
+from torch import nn
+
+from modulart.core.linear import LinearRef, is_linear_like
+
+__all__ = [
+    "FFN_LAYOUTS",
+    "GLU_VARIANTS",
+    "MOE_LAYOUTS",
+    "FFNLayout",
+    "MoELayout",
+    "TypeTable",
+    "block_position",
+    "get_attr",
+    "infer_ffn_layout",
+    "infer_moe_layout",
+    "register_ffn_layout",
+    "register_moe_layout",
+]
+
+V = TypeVar("V")
+Activation: TypeAlias = Callable[[torch.Tensor], torch.Tensor]
+
+
+class TypeTable(Generic[V]):
+    """A mapping from module classes to values whose lookups walk the class's MRO.
+
+    Keys are classes or class names (``"LlamaMLP"``); a name matches any class of that
+    ``__name__`` (or fully qualified name) in the MRO. Later registrations win.
+
+    Example:
+        >>> from torch import nn
+        >>> t: TypeTable[str] = TypeTable()
+        >>> t.register(nn.Linear, "linear")
+        >>> class MyLinear(nn.Linear): ...
+        >>> t.lookup(MyLinear)
+        'linear'
+    """
+
+    def __init__(self) -> None:
+        self._by_type: dict[type, V] = {}
+        self._by_name: dict[str, V] = {}
+
+    def register(self, cls: type | str, value: V) -> None:
+        """Map ``cls`` (a class or a class name) to ``value``."""
+        if isinstance(cls, str):
+            self._by_name[cls] = value
+        else:
+            self._by_type[cls] = value
+
+    def unregister(self, cls: type | str) -> None:
+        """Remove a registration (no error when absent)."""
+        if isinstance(cls, str):
+            self._by_name.pop(cls, None)
+        else:
+            self._by_type.pop(cls, None)
+
+    def lookup(self, cls: type) -> V | None:
+        """The value of the nearest class in ``cls.__mro__`` that has one, else None."""
+        for c in cls.__mro__:
+            if c in self._by_type:
+                return self._by_type[c]
+            for name in (c.__name__, f"{c.__module__}.{c.__qualname__}"):
+                if name in self._by_name:
+                    return self._by_name[name]
+        return None
+
+    def keys(self) -> list[str]:
+        """Registered classes, as names."""
+        return sorted([c.__name__ for c in self._by_type] + list(self._by_name))
+
+
+def get_attr(root: Any, path: str) -> Any:
+    """``root.a.b.c`` for ``path="a.b.c"`` (``""`` gives ``root``); raises AttributeError naming the path."""
+    obj = root
+    for part in filter(None, path.split(".")):
+        if not hasattr(obj, part):
+            raise AttributeError(f"{type(root).__name__} has no attribute path {path!r} (missing {part!r})")
+        obj = getattr(obj, part)
+    return obj
+
+
+# --- FFN layouts --------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class FFNLayout:
+    """Where a feed-forward block keeps its parts, as attribute paths relative to the block.
+
+    Attributes:
+        key: first layer (the *gate* projection for gated FFNs): ``[d_ff, d_model]``.
+        value: second layer: ``[d_model, d_ff]``.
+        activation: attribute path of the activation (a module or function), or the callable.
+        up: the up projection of a gated FFN (``h = σ(gate·x) ⊙ (up·x)``), else None.
+        input: attribute path of the module whose forward's first argument is the FFN input
+            (default: the block itself when gated, the key projection otherwise).
+    """
+
+    key: str
+    value: str
+    activation: str | Activation
+    up: str | None = None
+    input: str | None = None
+
+
+_GATED = FFNLayout(key="gate_proj", up="up_proj", value="down_proj", activation="act_fn")
+FFN_LAYOUTS: TypeTable[FFNLayout] = TypeTable()
+for _name, _layout in {
+    # plain two-layer FFNs
+    "GPT2MLP": FFNLayout(key="c_fc", value="c_proj", activation="act"),
+    "GPTNeoXMLP": FFNLayout(key="dense_h_to_4h", value="dense_4h_to_h", activation="act"),
+    "T5DenseActDense": FFNLayout(key="wi", value="wo", activation="act"),
+    "ViTMLP": FFNLayout(key="fc1", value="fc2", activation="activation_fn"),
+    "OPTDecoderLayer": FFNLayout(key="fc1", value="fc2", activation="activation_fn"),
+    "BertLayer": FFNLayout(
+        key="intermediate.dense", value="output.dense", activation="intermediate.intermediate_act_fn"
+    ),
+    # gated FFNs
+    "T5DenseGatedActDense": FFNLayout(key="wi_0", up="wi_1", value="wo", activation="act"),
+    "LlamaMLP": _GATED,
+    "MistralMLP": _GATED,
+    "Qwen2MLP": _GATED,
+    "Qwen2MoeMLP": _GATED,
+    "MixtralMLP": _GATED,
+    "OlmoeMLP": _GATED,
+    "DeepseekV3MLP": _GATED,
+}.items():
+    FFN_LAYOUTS.register(_name, _layout)
+
+
+def register_ffn_layout(cls: type[nn.Module] | str, layout: FFNLayout) -> None:
+    """Teach modulart where the FFN parts of ``cls`` (and its subclasses) are.
+
+    Example:
+        >>> import modulart as mt
+        >>> mt.register_ffn_layout("MyMLP", mt.FFNLayout(key="w_in", value="w_out", activation="act"))
+    """
+    FFN_LAYOUTS.register(cls, layout)
+
+
+_GATE_NAMES = ("gate_proj", "w1", "wi_0", "gate", "w_gate", "fc_gate", "gate_up")
+_UP_NAMES = ("up_proj", "w3", "wi_1", "up", "w_up", "fc_up")
+
+
+def _is_activation(m: nn.Module) -> bool:
+    if any(True for _ in m.parameters(recurse=False)) or list(m.children()):
+        return False
+    cls = type(m)
+    return cls.__module__ == "torch.nn.modules.activation" or cls.__name__.endswith(("Activation", "GELU", "SiLU"))
+
+
+def infer_ffn_layout(module: nn.Module) -> FFNLayout | None:
+    """Guess the layout of an FFN block from its direct children, or None.
+
+    Recognised: exactly one activation module child and either two linear children
+    ``d -> f``, ``f -> d`` (plain), or three, ``d -> f`` twice and ``f -> d`` (gated, the gate and up
+    told apart by their names: ``gate_proj``/``w1``/``wi_0``... vs ``up_proj``/``w3``/``wi_1``...).
+    """
+    children = dict(module.named_children())
+    linears = {n: m for n, m in children.items() if is_linear_like(m)}
+    acts = [n for n, m in children.items() if _is_activation(m)]
+    if len(acts) != 1 or len(linears) not in (2, 3):
+        return None
+    shapes = {n: _in_out(m) for n, m in linears.items()}
+    if len(linears) == 2:
+        (a, (ai, ao)), (b, (bi, bo)) = shapes.items()
+        if ai == bo and ao == bi:
+            return FFNLayout(key=a, value=b, activation=acts[0])
+        return None
+    downs = [n for n, (i, o) in shapes.items() if sum(1 for (i2, o2) in shapes.values() if (i2, o2) == (o, i)) == 2]
+    if len(downs) != 1:
+        return None
+    ups = [n for n in shapes if n != downs[0]]
+    gate = [n for n in ups if n in _GATE_NAMES]
+    up = [n for n in ups if n in _UP_NAMES]
+    if len(gate) != 1 or len(up) != 1:
+        return None
+    return FFNLayout(key=gate[0], up=up[0], value=downs[0], activation=acts[0])
+
+
+def _in_out(m: nn.Module) -> tuple[int, int]:
+    ref = LinearRef(m, "")
+    return ref.in_features, ref.out_features
+
+
+# --- MoE layouts --------------------------------------------------------------------------------
+ExpertStorage: TypeAlias = Literal["fused", "fused_interleaved_t", "module_list"]
+ScoringKind: TypeAlias = Literal["softmax_topk", "topk_softmax", "sigmoid_grouped"]
+
+
+def _silu_glu(block: nn.Module, experts: nn.Module, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    act = get_attr(experts, "act_fn")
+    out: torch.Tensor = act(gate) * up
+    return out
+
+
+def _gpt_oss_glu(block: nn.Module, experts: nn.Module, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    limit, alpha = float(get_attr(experts, "limit")), float(get_attr(experts, "alpha"))
+    gate = gate.clamp(max=limit)
+    up = up.clamp(min=-limit, max=limit)
+    return (up + 1) * (gate * torch.sigmoid(gate * alpha))
+
+
+GLU_VARIANTS: dict[str, Callable[[nn.Module, nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]] = {
+    "act_mul": _silu_glu,  # act_fn(gate) * up, act_fn read from the experts module
+    "gpt_oss": _gpt_oss_glu,  # clamp, gate * sigmoid(alpha * gate), (up + 1) *
+}
+
+
+@dataclass(frozen=True)
+class MoELayout:
+    """Where a MoE block keeps its router and experts, and how it routes.
+
+    Attributes:
+        router: attribute path of the router (anything with a ``weight [E, d_model]``).
+        experts: attribute path of the experts container.
+        storage: ``"fused"`` (``gate_up_proj [E, 2I, d]`` gate first, ``down_proj [E, d, I]``),
+            ``"fused_interleaved_t"`` (GPT-OSS: ``gate_up_proj [E, d, 2I]`` gate/up interleaved,
+            ``down_proj [E, I, d]``, with biases) or ``"module_list"`` (one FFN module per expert).
+        scoring: ``"softmax_topk"`` (softmax over all experts, then top-k, optionally
+            renormalised), ``"topk_softmax"`` (top-k logits, then softmax over them) or
+            ``"sigmoid_grouped"`` (DeepSeek-V3: sigmoid, bias for selection, group-limited top-k,
+            optional renormalisation, scaling factor).
+        top_k: attribute path of the number of experts per token.
+        normalize_topk: whether the top-k weights are renormalised (bool or attribute path).
+        glu: fused storage: name in :data:`GLU_VARIANTS` of the gated activation.
+        shared: attribute paths of shared (always-on) experts, each a dense FFN.
+        shared_gate: attribute path of a ``Linear(d_model, 1)`` whose sigmoid scales the shared
+            experts (Qwen2-MoE), or None.
+        selection_bias: attribute path of a per-expert bias added for selection only (DeepSeek-V3).
+        n_group / topk_group / scaling: attribute paths for ``sigmoid_grouped`` routing.
+        output_index: element of a tuple output that holds the hidden states (GPT-OSS: 0).
+    """
+
+    router: str
+    experts: str
+    storage: ExpertStorage
+    scoring: ScoringKind
+    top_k: str = "top_k"
+    normalize_topk: bool | str = True
+    glu: str = "act_mul"
+    shared: tuple[str, ...] = ()
+    shared_gate: str | None = None
+    selection_bias: str | None = None
+    n_group: str | None = None
+    topk_group: str | None = None
+    scaling: str | None = None
+    output_index: int | None = None
+
+
+MOE_LAYOUTS: TypeTable[MoELayout] = TypeTable()
+for _name, _moe in {
+    "MixtralSparseMoeBlock": MoELayout(
+        router="gate",
+        experts="experts",
+        storage="fused",
+        scoring="softmax_topk",
+        top_k="gate.top_k",
+        normalize_topk=True,
+    ),
+    "Qwen2MoeSparseMoeBlock": MoELayout(
+        router="gate",
+        experts="experts",
+        storage="fused",
+        scoring="softmax_topk",
+        top_k="gate.top_k",
+        normalize_topk="gate.norm_topk_prob",
+        shared=("shared_expert",),
+        shared_gate="shared_expert_gate",
+    ),
+    "OlmoeSparseMoeBlock": MoELayout(
+        router="gate",
+        experts="experts",
+        storage="fused",
+        scoring="softmax_topk",
+        top_k="gate.top_k",
+        normalize_topk="gate.norm_topk_prob",
+    ),
+    "DeepseekV3MoE": MoELayout(
+        router="gate",
+        experts="experts",
+        storage="fused",
+        scoring="sigmoid_grouped",
+        top_k="gate.top_k",
+        normalize_topk="gate.norm_topk_prob",
+        shared=("shared_experts",),
+        selection_bias="gate.e_score_correction_bias",
+        n_group="gate.num_group",
+        topk_group="gate.topk_group",
+        scaling="gate.routed_scaling_factor",
+    ),
+    "GptOssMLP": MoELayout(
+        router="router",
+        experts="experts",
+        storage="fused_interleaved_t",
+        scoring="topk_softmax",
+        top_k="router.top_k",
+        glu="gpt_oss",
+        output_index=0,
+    ),
+}.items():
+    MOE_LAYOUTS.register(_name, _moe)
+
+
+def register_moe_layout(cls: type[nn.Module] | str, layout: MoELayout) -> None:
+    """Teach modulart how the MoE block ``cls`` (and its subclasses) is built."""
+    MOE_LAYOUTS.register(cls, layout)
+
+
+_TOPK_ATTRS = ("top_k", "num_experts_per_tok", "k", "router.top_k", "gate.top_k")
+
+
+def infer_moe_layout(module: nn.Module) -> MoELayout | None:
+    """Guess the layout of a MoE block, or None.
+
+    Recognised: an ``experts`` child that is either a ``ModuleList`` of FFN blocks or a module with
+    3-D ``gate_up_proj``/``down_proj`` parameters (gate first), a child whose ``weight`` is
+    ``[num_experts, d_model]`` (the router), and a top-k attribute (``top_k``,
+    ``num_experts_per_tok`` or ``k``, on the block or the router). Scoring is softmax over all
+    experts, then top-k, renormalised unless the block or router has ``norm_topk_prob = False``.
+    """
+    experts = getattr(module, "experts", None)
+    if not isinstance(experts, nn.Module):
+        return None
+    if isinstance(experts, nn.ModuleList):
+        if not len(experts) or not all(FFN_LAYOUTS.lookup(type(e)) or infer_ffn_layout(e) for e in experts):
+            return None
+        storage: ExpertStorage = "module_list"
+        n_exp = len(experts)
+    else:
+        gu = getattr(experts, "gate_up_proj", None)
+        if not (
+            isinstance(gu, torch.Tensor)
+            and gu.dim() == 3
+            and isinstance(getattr(experts, "down_proj", None), torch.Tensor)
+        ):
+            return None
+        storage, n_exp = "fused", int(gu.shape[0])
+    router = next((n for n, c in module.named_children() if n != "experts" and _weight_rows(c) == n_exp), None)
+    top_k = next((a for a in _TOPK_ATTRS if isinstance(_try_attr(module, a), int)), None)
+    if router is None or top_k is None:
+        return None
+    norm: bool | str = True
+    for a in ("norm_topk_prob", f"{router}.norm_topk_prob"):
+        if isinstance(_try_attr(module, a), bool):
+            norm = a
+    return MoELayout(
+        router=router, experts="experts", storage=storage, scoring="softmax_topk", top_k=top_k, normalize_topk=norm
+    )
+
+
+def _weight_rows(module: nn.Module) -> int | None:
+    """Rows of a 2-D ``weight`` attribute, or None."""
+    w = getattr(module, "weight", None)
+    return int(w.shape[0]) if isinstance(w, torch.Tensor) and w.dim() == 2 else None
+
+
+def _try_attr(root: Any, path: str) -> Any:
+    try:
+        return get_attr(root, path)
+    except AttributeError:
+        return None
+
+
+# --- where a block sits -------------------------------------------------------------------------
+def block_position(model: nn.Module, path: str) -> tuple[str | None, int | None]:
+    """The block list (outermost ``ModuleList`` on the path) and the index within it.
+
+    Example:
+        >>> from torch import nn
+        >>> m = nn.Module(); m.layers = nn.ModuleList([nn.Sequential(nn.Linear(2, 2)) for _ in range(3)])
+        >>> block_position(m, "layers.2.0")
+        ('layers', 2)
+    """
+    parts = path.split(".")
+    obj: Any = model
+    for i, part in enumerate(parts):
+        if isinstance(obj, nn.ModuleList) and part.isdigit():
+            return ".".join(parts[:i]), int(part)
+        obj = getattr(obj, part, None)
+        if obj is None:
+            break
+    return None, None

@@ -1,0 +1,66 @@
+"""The modulart error hierarchy.
+
+Every error the library raises on bad input derives from :class:`ModulartError`, so callers can
+catch the whole family at once; each also derives from the closest built-in exception
+(``ValueError``, ``TypeError``, ``LookupError``) so generic handlers keep working.
+
+Example:
+    >>> from modulart.core.errors import ModulartError, SelectorError
+    >>> issubclass(SelectorError, ModulartError) and issubclass(SelectorError, ValueError)
+    True
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "ConfigError",
+    "HookError",
+    "HooksNotFiredError",
+    "IncompatibleArtifactError",
+    "ModulartError",
+    "OperatorNotFoundError",
+    "SelectorError",
+    "ShapeError",
+    "UnsupportedModuleError",
+    "UnsupportedOperationError",
+]
+
+
+class ModulartError(Exception):
+    """Base class of every error raised by modulart."""
+
+
+class UnsupportedModuleError(ModulartError, TypeError):
+    """A module (or a whole model) has no structure modulart knows how to read."""
+
+
+class SelectorError(ModulartError, ValueError):
+    """A selector or a layer specification matched nothing, or is malformed."""
+
+
+class ConfigError(ModulartError, ValueError):
+    """A configuration field has a bad value; the message names the field."""
+
+
+class ShapeError(ModulartError, ValueError):
+    """A tensor does not have the shape a view or operator expects."""
+
+
+class IncompatibleArtifactError(ModulartError):
+    """A saved artefact does not fit the model or the operator it is loaded into."""
+
+
+class HookError(ModulartError, RuntimeError):
+    """A hook could not be installed or removed."""
+
+
+class HooksNotFiredError(HookError):
+    """Hooks that were expected to run did not (e.g. a fused kernel bypassed the module)."""
+
+
+class OperatorNotFoundError(ModulartError, LookupError):
+    """No operator is registered under the requested name."""
+
+
+class UnsupportedOperationError(ModulartError, NotImplementedError):
+    """The operator does not implement this optional part of the lifecycle (e.g. ``merge_``)."""

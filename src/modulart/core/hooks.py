@@ -1,0 +1,693 @@
+"""The one hook registry every modulart operator goes through.
+
+PyTorch keeps hooks in per-object ordered dicts and runs them in registration order. modulart puts
+*one* dispatcher hook on each (object, kind) it touches and runs its own callbacks from there, which
+gives what plain hooks do not:
+
+- **ownership**: a :class:`HookRegistry` removes only the callbacks it added; hooks added by anyone
+  else are never touched, and once the last modulart callback on an object is gone the dispatcher
+  is removed too, so the object's hook dicts are exactly what they were before;
+- **priority**: callbacks on the same object run in ``(priority, insertion)`` order, across all
+  registries, so interventions (:attr:`Priority.INTERVENE`) run before recordings
+  (:attr:`Priority.RECORD`) and recordings see the intervened values;
+- **all-or-nothing installation**: :meth:`HookRegistry.install` validates every spec first and
+  rolls back on failure; :meth:`HookRegistry.atomic` does the same for any block of calls;
+- **firing counters**: every callback counts how often it ran, and
+  :meth:`HookRegistry.assert_fired` turns "a fused kernel bypassed my module" into an error
+  instead of a silent no-op.
+
+Supported kinds: module ``forward`` and ``forward_pre`` (both optionally with kwargs), tensor
+gradient hooks (``tensor``), ``post_accumulate_grad`` on parameters, and optimizer
+``optimizer_step_pre`` / ``optimizer_step_post``.
+
+Example:
+    >>> import torch
+    >>> from modulart import HookRegistry
+    >>> model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU())
+    >>> seen = []
+    >>> with HookRegistry(model) as reg:
+    ...     h = reg.forward("0", lambda m, args, out: seen.append(out.shape))
+    ...     _ = model(torch.randn(2, 4))
+    ...     reg.assert_fired()
+    >>> seen, len(model[0]._forward_hooks)
+    ([torch.Size([2, 4])], 0)
+"""
+
+from __future__ import annotations
+
+import bisect
+import contextlib
+import enum
+import inspect
+import itertools
+import threading
+import weakref
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal, TypeAlias, cast
+
+import torch
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+from modulart.core.errors import HookError, HooksNotFiredError
+
+__all__ = ["HookHandle", "HookKind", "HookRegistry", "HookSite", "HookSpec", "Priority"]
+
+HookKind: TypeAlias = Literal[
+    "forward",
+    "forward_pre",
+    "tensor",
+    "post_accumulate_grad",
+    "optimizer_step_pre",
+    "optimizer_step_post",
+]
+HOOK_KINDS: tuple[HookKind, ...] = (
+    "forward",
+    "forward_pre",
+    "tensor",
+    "post_accumulate_grad",
+    "optimizer_step_pre",
+    "optimizer_step_post",
+)
+_MODULE_KINDS = ("forward", "forward_pre")
+HookTarget: TypeAlias = "nn.Module | torch.Tensor | torch.optim.Optimizer | str"
+
+
+class Priority(enum.IntEnum):
+    """Ordering of callbacks on one object: lower runs first; ties run in insertion order."""
+
+    INTERVENE = 0
+    DEFAULT = 50
+    RECORD = 100
+
+
+_SEQ = itertools.count()
+_LOCK = threading.RLock()
+
+
+class HookHandle:
+    """One callback owned by a :class:`HookRegistry`.
+
+    Attributes:
+        name: unique, human-readable name (``"<scope>/<kind>:<path>"`` unless given).
+        kind: the hook kind.
+        path: dotted module/parameter path of the target (or a description).
+        priority: ordering key on the target (lower first).
+        fired: how many times the callback ran since the last reset.
+        enabled: a disabled callback is skipped (and not counted).
+    """
+
+    __slots__ = (
+        "_dispatcher",
+        "_registry",
+        "enabled",
+        "fired",
+        "fn",
+        "kind",
+        "name",
+        "path",
+        "priority",
+        "seq",
+        "with_kwargs",
+    )
+
+    def __init__(
+        self,
+        *,
+        name: str,
+        kind: HookKind,
+        path: str,
+        priority: int,
+        fn: Callable[..., Any],
+        with_kwargs: bool,
+        registry: HookRegistry,
+    ) -> None:
+        self.name = name
+        self.kind = kind
+        self.path = path
+        self.priority = int(priority)
+        self.fn = fn
+        self.with_kwargs = with_kwargs
+        self.fired = 0
+        self.enabled = True
+        self.seq = next(_SEQ)
+        self._registry: HookRegistry | None = registry
+        self._dispatcher: _Dispatcher | None = None
+
+    @property
+    def active(self) -> bool:
+        """Whether the callback is still installed."""
+        return self._dispatcher is not None
+
+    def remove(self) -> None:
+        """Remove this callback (idempotent)."""
+        with _LOCK:
+            if self._dispatcher is not None:
+                self._dispatcher.discard(self)
+                self._dispatcher = None
+            if self._registry is not None:
+                self._registry._forget(self)
+                self._registry = None
+
+    def __repr__(self) -> str:
+        state = "active" if self.active else "removed"
+        return f"HookHandle({self.name!r}, priority={self.priority}, fired={self.fired}, {state})"
+
+
+class _Dispatcher:
+    """The single torch hook modulart owns on one (object, kind)."""
+
+    def __init__(self, target: Any, kind: HookKind) -> None:
+        self.key = (id(target), kind)
+        self.target_ref = weakref.ref(target)
+        self.kind = kind
+        self.entries: list[HookHandle] = []
+        self.torch_handle: RemovableHandle = self._register(target)
+        self._finalizer = weakref.finalize(target, _DISPATCHERS.pop, self.key, None)
+
+    def _register(self, target: Any) -> RemovableHandle:
+        kind = self.kind
+        if kind == "forward":
+            return cast(RemovableHandle, target.register_forward_hook(self._run_forward, with_kwargs=True))
+        if kind == "forward_pre":
+            return cast(RemovableHandle, target.register_forward_pre_hook(self._run_pre, with_kwargs=True))
+        if kind == "tensor":
+            return cast(RemovableHandle, target.register_hook(self._run_grad))
+        if kind == "post_accumulate_grad":
+            return cast(RemovableHandle, target.register_post_accumulate_grad_hook(self._run_post_acc))
+        if kind == "optimizer_step_pre":
+            return cast(RemovableHandle, target.register_step_pre_hook(self._run_opt_pre))
+        return cast(RemovableHandle, target.register_step_post_hook(self._run_opt_post))
+
+    def add(self, entry: HookHandle) -> None:
+        keys = [(e.priority, e.seq) for e in self.entries]
+        self.entries.insert(bisect.bisect_right(keys, (entry.priority, entry.seq)), entry)
+        entry._dispatcher = self
+
+    def discard(self, entry: HookHandle) -> None:
+        with contextlib.suppress(ValueError):
+            self.entries.remove(entry)
+        if not self.entries:
+            self.torch_handle.remove()
+            self._finalizer.detach()
+            if _DISPATCHERS.get(self.key) is self:
+                del _DISPATCHERS[self.key]
+
+    # --- the torch-facing callbacks -----------------------------------------------------------
+    def _run_forward(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> Any:
+        for e in tuple(self.entries):
+            if not e.enabled:
+                continue
+            e.fired += 1
+            r = e.fn(module, args, kwargs, output) if e.with_kwargs else e.fn(module, args, output)
+            if r is not None:
+                output = r
+        return output
+
+    def _run_pre(
+        self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
+        changed = False
+        for e in tuple(self.entries):
+            if not e.enabled:
+                continue
+            e.fired += 1
+            if e.with_kwargs:
+                r = e.fn(module, args, kwargs)
+                if r is not None:
+                    if not (isinstance(r, tuple) and len(r) == 2 and isinstance(r[1], dict)):
+                        raise HookError(
+                            f"forward-pre hook {e.name!r} (with_kwargs) must return None or "
+                            f"(args, kwargs), got {type(r).__name__}"
+                        )
+                    args, kwargs = (r[0] if isinstance(r[0], tuple) else (r[0],)), r[1]
+                    changed = True
+            else:
+                r = e.fn(module, args)
+                if r is not None:
+                    args = r if isinstance(r, tuple) else (r,)
+                    changed = True
+        return (args, kwargs) if changed else None
+
+    def _run_grad(self, grad: torch.Tensor) -> torch.Tensor | None:
+        changed = False
+        for e in tuple(self.entries):
+            if not e.enabled:
+                continue
+            e.fired += 1
+            r = e.fn(grad)
+            if r is not None:
+                grad, changed = r, True
+        return grad if changed else None
+
+    def _run_post_acc(self, param: torch.Tensor) -> None:
+        for e in tuple(self.entries):
+            if e.enabled:
+                e.fired += 1
+                e.fn(param)
+
+    def _run_opt_pre(
+        self, opt: torch.optim.Optimizer, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
+        changed = False
+        for e in tuple(self.entries):
+            if not e.enabled:
+                continue
+            e.fired += 1
+            r = e.fn(opt, args, kwargs)
+            if r is not None:
+                args, kwargs = r
+                changed = True
+        return (args, kwargs) if changed else None
+
+    def _run_opt_post(self, opt: torch.optim.Optimizer, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        for e in tuple(self.entries):
+            if e.enabled:
+                e.fired += 1
+                e.fn(opt, args, kwargs)
+
+
+# (id(target), kind) -> dispatcher; shared by every registry so priorities hold across operators.
+_DISPATCHERS: dict[tuple[int, HookKind], _Dispatcher] = {}
+
+
+def _positional_name(module: nn.Module, index: int) -> str | None:
+    """Name of the ``index``-th positional parameter of ``module.forward`` (None if unknown)."""
+    try:
+        params = [
+            p
+            for p in inspect.signature(module.forward).parameters.values()
+            if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+        ]
+    except (TypeError, ValueError):
+        return None
+    return params[index].name if index < len(params) else None
+
+
+def _dispatcher_for(target: Any, kind: HookKind) -> _Dispatcher:
+    key = (id(target), kind)
+    d = _DISPATCHERS.get(key)
+    if d is None or d.target_ref() is not target:
+        d = _Dispatcher(target, kind)
+        _DISPATCHERS[key] = d
+    return d
+
+
+@dataclass(frozen=True)
+class HookSpec:
+    """A hook to install, as data (see :meth:`HookRegistry.install`).
+
+    Attributes:
+        kind: one of ``forward``, ``forward_pre``, ``tensor``, ``post_accumulate_grad``,
+            ``optimizer_step_pre``, ``optimizer_step_post``.
+        target: a module or its dotted path (module kinds), a tensor or parameter path (grad
+            kinds), or an optimizer.
+        fn: the callback, with the signature of the matching torch hook.
+        priority: lower runs first on the same target.
+        with_kwargs: module kinds only: pass (and allow returning) keyword arguments.
+        name: optional unique name for counters and error messages.
+    """
+
+    kind: HookKind
+    target: Any
+    fn: Callable[..., Any]
+    priority: int = Priority.DEFAULT
+    with_kwargs: bool = False
+    name: str | None = None
+
+
+@dataclass(frozen=True)
+class HookSite:
+    """A place in the forward pass where one tensor can be read and replaced.
+
+    Attributes:
+        module: the module whose hook reaches the tensor.
+        path: the module's dotted path in the model.
+        kind: ``"forward_pre"`` (the tensor is positional argument ``index`` of the module's
+            forward) or ``"forward"`` (the tensor is the output, or element ``index`` of a tuple
+            output).
+        index: see ``kind``.
+    """
+
+    module: nn.Module
+    path: str
+    kind: Literal["forward_pre", "forward"]
+    index: int = 0
+
+    def __repr__(self) -> str:
+        return f"HookSite({self.path!r}, {self.kind}, index={self.index})"
+
+
+class HookRegistry:
+    """Scoped owner of hooks on one model (see the module docstring for the contracts).
+
+    Args:
+        model: the model whose modules/parameters string paths resolve against (optional when
+            every target is given as an object).
+        name: scope name, used as a prefix of hook names.
+
+    Example:
+        >>> import torch
+        >>> from modulart import HookRegistry, Priority
+        >>> lin = torch.nn.Linear(3, 3)
+        >>> reg = HookRegistry(lin, name="demo")
+        >>> _ = reg.forward(lin, lambda m, a, out: out * 0, priority=Priority.INTERVENE)
+        >>> float(lin(torch.ones(1, 3)).abs().sum())
+        0.0
+        >>> reg.remove(); lin._forward_hooks
+        OrderedDict()
+    """
+
+    def __init__(
+        self, model: nn.Module | None = None, *, name: str = "modulart", parent: HookRegistry | None = None
+    ) -> None:
+        self.model = model
+        self.name = name
+        self.parent = parent
+        self._handles: list[HookHandle] = []
+        self._children: list[HookRegistry] = []
+        self._paths: dict[int, str] | None = None
+        self._names: set[str] = set()
+
+    # --- scopes -------------------------------------------------------------------------------
+    def scope(self, name: str) -> HookRegistry:
+        """A child registry; removing the parent removes the child's hooks too."""
+        child = HookRegistry(self.model, name=f"{self.name}/{name}", parent=self)
+        self._children.append(child)
+        return child
+
+    def __enter__(self) -> HookRegistry:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.remove()
+
+    # --- adding hooks -------------------------------------------------------------------------
+    def forward(
+        self,
+        target: nn.Module | str,
+        fn: Callable[..., Any],
+        *,
+        priority: int = Priority.DEFAULT,
+        with_kwargs: bool = False,
+        name: str | None = None,
+    ) -> HookHandle:
+        """Forward hook: ``fn(module, args, output)`` (or ``fn(module, args, kwargs, output)``)."""
+        return self._add(HookSpec("forward", target, fn, priority, with_kwargs, name))
+
+    def forward_pre(
+        self,
+        target: nn.Module | str,
+        fn: Callable[..., Any],
+        *,
+        priority: int = Priority.DEFAULT,
+        with_kwargs: bool = False,
+        name: str | None = None,
+    ) -> HookHandle:
+        """Forward-pre hook: ``fn(module, args) -> args | None`` (kwargs form returns ``(args, kwargs)``)."""
+        return self._add(HookSpec("forward_pre", target, fn, priority, with_kwargs, name))
+
+    def tensor(
+        self,
+        target: torch.Tensor | str,
+        fn: Callable[[torch.Tensor], torch.Tensor | None],
+        *,
+        priority: int = Priority.DEFAULT,
+        name: str | None = None,
+    ) -> HookHandle:
+        """Gradient hook on a tensor or parameter: ``fn(grad) -> grad | None``."""
+        return self._add(HookSpec("tensor", target, fn, priority, False, name))
+
+    def post_accumulate_grad(
+        self,
+        target: torch.Tensor | str,
+        fn: Callable[[torch.Tensor], None],
+        *,
+        priority: int = Priority.DEFAULT,
+        name: str | None = None,
+    ) -> HookHandle:
+        """Runs ``fn(param)`` after ``param.grad`` was accumulated in backward."""
+        return self._add(HookSpec("post_accumulate_grad", target, fn, priority, False, name))
+
+    def optimizer_step_pre(
+        self,
+        optimizer: torch.optim.Optimizer,
+        fn: Callable[..., Any],
+        *,
+        priority: int = Priority.DEFAULT,
+        name: str | None = None,
+    ) -> HookHandle:
+        """Runs ``fn(optimizer, args, kwargs)`` before every ``optimizer.step()``."""
+        return self._add(HookSpec("optimizer_step_pre", optimizer, fn, priority, False, name))
+
+    def optimizer_step_post(
+        self,
+        optimizer: torch.optim.Optimizer,
+        fn: Callable[..., Any],
+        *,
+        priority: int = Priority.DEFAULT,
+        name: str | None = None,
+    ) -> HookHandle:
+        """Runs ``fn(optimizer, args, kwargs)`` after every ``optimizer.step()``."""
+        return self._add(HookSpec("optimizer_step_post", optimizer, fn, priority, False, name))
+
+    def at(
+        self,
+        site: HookSite,
+        fn: Callable[[torch.Tensor], torch.Tensor | None],
+        *,
+        priority: int = Priority.DEFAULT,
+        name: str | None = None,
+    ) -> HookHandle:
+        """Hook a :class:`HookSite`: ``fn(tensor) -> replacement | None``.
+
+        The callback sees just the tensor at the site (an FFN's input, hidden activation or
+        output, a MoE block's input...) whatever the module's calling convention.
+
+        Example:
+            >>> import torch
+            >>> from modulart import HookRegistry, HookSite
+            >>> lin = torch.nn.Linear(2, 2)
+            >>> with HookRegistry(lin) as reg:
+            ...     _ = reg.at(HookSite(lin, "", "forward"), lambda y: torch.zeros_like(y))
+            ...     float(lin(torch.ones(1, 2)).sum())
+            0.0
+        """
+        index = site.index
+        if site.kind == "forward_pre":
+            kwarg = _positional_name(site.module, index)
+
+            def pre(
+                module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+            ) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
+                if len(args) > index:
+                    new = fn(args[index])
+                    return None if new is None else ((*args[:index], new, *args[index + 1 :]), kwargs)
+                if kwarg is not None and kwarg in kwargs:
+                    new = fn(kwargs[kwarg])
+                    return None if new is None else (args, {**kwargs, kwarg: new})
+                raise HookError(f"{site}: the forward call passed no argument {index} ({kwarg!r})")
+
+            return self.forward_pre(site.module, pre, priority=priority, name=name, with_kwargs=True)
+
+        def post(module: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
+            if isinstance(output, tuple):
+                new = fn(output[index])
+                return None if new is None else (*output[:index], new, *output[index + 1 :])
+            return fn(output)
+
+        return self.forward(site.module, post, priority=priority, name=name)
+
+    def install(self, specs: Sequence[HookSpec]) -> list[HookHandle]:
+        """Install several hooks all-or-nothing.
+
+        Every spec is validated (kind, target resolution, callable) before anything is installed;
+        if an installation then fails, the hooks already added by this call are removed and the
+        error is re-raised.
+        """
+        resolved = [(spec, *self._resolve(spec)) for spec in specs]
+        explicit = [s.name for s in specs if s.name is not None]
+        clashes = sorted({n for n in explicit if explicit.count(n) > 1 or n in self._names})
+        if clashes:
+            raise HookError(f"hook names must be unique within scope {self.name!r}; repeated: {clashes}")
+        with self.atomic():
+            return [self._install_resolved(spec, obj, path) for spec, obj, path in resolved]
+
+    @contextlib.contextmanager
+    def atomic(self) -> Iterator[HookRegistry]:
+        """Hooks added inside the block are all removed again if the block raises."""
+        before = len(self._handles)
+        try:
+            yield self
+        except BaseException:
+            for h in list(self._handles[before:]):
+                h.remove()
+            raise
+
+    # --- removal, enabling --------------------------------------------------------------------
+    def remove(self) -> None:
+        """Remove every hook this registry (and its child scopes) added; foreign hooks stay."""
+        with _LOCK:
+            for child in list(self._children):
+                child.remove()
+            for h in list(self._handles):
+                h.remove()
+            self._handles.clear()
+            self._names.clear()
+
+    def _forget(self, handle: HookHandle) -> None:
+        with contextlib.suppress(ValueError):
+            self._handles.remove(handle)
+        self._names.discard(handle.name)
+
+    @contextlib.contextmanager
+    def disabled(self) -> Iterator[None]:
+        """Temporarily skip every callback of this registry and its children."""
+        handles = self.handles(recursive=True)
+        saved = [h.enabled for h in handles]
+        for h in handles:
+            h.enabled = False
+        try:
+            yield
+        finally:
+            for h, e in zip(handles, saved, strict=True):
+                h.enabled = e
+
+    # --- inspection ---------------------------------------------------------------------------
+    def handles(self, *, recursive: bool = True) -> list[HookHandle]:
+        """The active handles of this registry (and of its child scopes)."""
+        out = list(self._handles)
+        if recursive:
+            for c in self._children:
+                out.extend(c.handles(recursive=True))
+        return out
+
+    def __len__(self) -> int:
+        return len(self.handles())
+
+    def counts(self) -> dict[str, int]:
+        """How often each active callback fired, by hook name."""
+        return {h.name: h.fired for h in self.handles()}
+
+    def reset_counts(self) -> None:
+        """Set every firing counter back to zero."""
+        for h in self.handles():
+            h.fired = 0
+
+    def assert_fired(self, names: Sequence[str] | None = None, *, at_least: int = 1) -> None:
+        """Raise :class:`HooksNotFiredError` if a hook fired fewer than ``at_least`` times.
+
+        Args:
+            names: hook names to check (default: every active hook of this registry).
+            at_least: the minimum count each must have reached.
+        """
+        by_name = {h.name: h for h in self.handles()}
+        unknown = [n for n in names or () if n not in by_name]
+        if unknown:
+            raise HookError(f"no active hook named {unknown}; known: {sorted(by_name)[:20]}")
+        check = [by_name[n] for n in names] if names is not None else list(by_name.values())
+        lazy = [h for h in check if h.fired < at_least]
+        if lazy:
+            lines = "\n".join(f"  - {h.name} on {h.path!r}: fired {h.fired}x" for h in lazy)
+            raise HooksNotFiredError(
+                f"{len(lazy)} hook(s) fired fewer than {at_least} time(s):\n{lines}\n"
+                "The module may be bypassed by a fused kernel or never called on this input; "
+                "check the model's implementation settings (e.g. attention/experts implementation)."
+            )
+
+    # --- internals ----------------------------------------------------------------------------
+    def _add(self, spec: HookSpec) -> HookHandle:
+        obj, path = self._resolve(spec)
+        return self._install_resolved(spec, obj, path)
+
+    def _install_resolved(self, spec: HookSpec, obj: Any, path: str) -> HookHandle:
+        with _LOCK:
+            handle = HookHandle(
+                name=self._unique_name(spec, path),
+                kind=spec.kind,
+                path=path,
+                priority=spec.priority,
+                fn=spec.fn,
+                with_kwargs=spec.with_kwargs,
+                registry=self,
+            )
+            try:
+                _dispatcher_for(obj, spec.kind).add(handle)
+            except BaseException:
+                self._names.discard(handle.name)
+                raise
+            self._handles.append(handle)
+            return handle
+
+    def _unique_name(self, spec: HookSpec, path: str) -> str:
+        if spec.name is not None:
+            if spec.name in self._names:
+                raise HookError(f"a hook named {spec.name!r} is already active in scope {self.name!r}")
+            name = spec.name
+        else:
+            base = name = f"{self.name}/{spec.kind}:{path}"
+            i = 1
+            while name in self._names:
+                i += 1
+                name = f"{base}#{i}"
+        self._names.add(name)
+        return name
+
+    def _resolve(self, spec: HookSpec) -> tuple[Any, str]:
+        if spec.kind not in HOOK_KINDS:
+            raise HookError(f"unknown hook kind {spec.kind!r}; expected one of {HOOK_KINDS}")
+        if not callable(spec.fn):
+            raise HookError(f"hook callback for {spec.target!r} is not callable: {spec.fn!r}")
+        target = spec.target
+        if spec.kind in _MODULE_KINDS:
+            if isinstance(target, str):
+                return self._module_at(target), target
+            if not isinstance(target, nn.Module):
+                raise HookError(f"{spec.kind} hooks need an nn.Module or a module path, got {type(target).__name__}")
+            return target, self._path_of(target)
+        if spec.kind in ("tensor", "post_accumulate_grad"):
+            if isinstance(target, str):
+                return self._param_at(target), target
+            if not isinstance(target, torch.Tensor):
+                raise HookError(f"{spec.kind} hooks need a tensor or a parameter path, got {type(target).__name__}")
+            if not target.requires_grad:
+                raise HookError(f"{spec.kind} hook on {self._path_of(target)!r}: the tensor does not require grad")
+            if spec.kind == "post_accumulate_grad" and not target.is_leaf:
+                raise HookError(f"post_accumulate_grad hook on {self._path_of(target)!r}: needs a leaf tensor")
+            return target, self._path_of(target)
+        if not isinstance(target, torch.optim.Optimizer):
+            raise HookError(f"{spec.kind} hooks need a torch.optim.Optimizer, got {type(target).__name__}")
+        return target, f"<{type(target).__name__}>"
+
+    def _require_model(self, path: str) -> nn.Module:
+        if self.model is None:
+            raise HookError(f"cannot resolve path {path!r}: this HookRegistry was created without a model")
+        return self.model
+
+    def _module_at(self, path: str) -> nn.Module:
+        model = self._require_model(path)
+        try:
+            return model.get_submodule(path)
+        except AttributeError:
+            names = [n for n, _ in model.named_modules() if n]
+            close = [n for n in names if n.endswith(path.rsplit(".", 1)[-1])][:5] or names[:5]
+            raise HookError(f"no module at path {path!r} in {type(model).__name__}; similar paths: {close}") from None
+
+    def _param_at(self, path: str) -> torch.Tensor:
+        model = self._require_model(path)
+        try:
+            return model.get_parameter(path)
+        except AttributeError:
+            raise HookError(f"no parameter at path {path!r} in {type(model).__name__}") from None
+
+    def _path_of(self, obj: Any) -> str:
+        if self.model is None:
+            return f"<{type(obj).__name__}>"
+        if self._paths is None or id(obj) not in self._paths:
+            self._paths = {id(m): n for n, m in self.model.named_modules()}
+            self._paths.update({id(p): n for n, p in self.model.named_parameters(remove_duplicate=False)})
+        return self._paths.get(id(obj), f"<{type(obj).__name__}>")
+
+    def __repr__(self) -> str:
+        return f"HookRegistry({self.name!r}, hooks={len(self)})"

@@ -1,0 +1,154 @@
+"""Artefacts: fingerprints, atomic writes, loading errors, Hub helpers (offline)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+import modulart as mt
+from modulart.core import io
+
+
+def test_fingerprint_detects_any_single_weight_change() -> None:
+    model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Linear(64, 8))
+    fp = mt.fingerprint(model)
+    assert mt.fingerprint(model) == fp
+    with torch.no_grad():
+        model[1].weight[3, 5] += 1e-3
+    diffs = mt.fingerprint(model).diff(fp)
+    assert diffs == ["1.weight: values differ"]
+
+
+def test_fingerprint_names_shape_dtype_and_missing() -> None:
+    a = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2))
+    b = torch.nn.Sequential(torch.nn.Linear(4, 4).double(), torch.nn.Linear(4, 3))
+    diffs = " ".join(mt.fingerprint(b).diff(mt.fingerprint(a)))
+    assert "0.weight: dtype differ" in diffs and "1.weight: shape differ" in diffs
+    c = torch.nn.Sequential(torch.nn.Linear(4, 4))
+    assert "missing in the model" in " ".join(mt.fingerprint(c).diff(mt.fingerprint(a)))
+
+
+@given(st.integers(1, 5000), st.sampled_from([torch.float32, torch.bfloat16, torch.float16, torch.int64]))
+def test_fingerprint_sees_changes_anywhere(n: int, dtype: torch.dtype) -> None:
+    t = torch.arange(n).to(dtype)
+    before = io.fingerprint({"t": t})
+    changed = t.clone()
+    changed[n // 2] = changed[n // 2] * 2 + 1  # differs from x for every x, in every dtype
+    assert not torch.equal(changed, t)
+    assert io.fingerprint({"t": changed}) != before
+
+
+def test_save_load_round_trip_and_no_pickle(tmp_path: Path) -> None:
+    shared = torch.randn(3, 4)
+    io.save_artifact(
+        tmp_path / "a",
+        operator="demo",
+        config={"k": [1, 2]},
+        tensors={"x": shared, "view": shared[0]},
+        selector="mlp",
+        resolved=["0.mlp"],
+    )
+    art = io.load_artifact(tmp_path / "a")
+    assert art.operator == "demo" and art.config == {"k": [1, 2]}
+    assert torch.equal(art.tensors["x"], shared) and torch.equal(art.tensors["view"], shared[0])
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["modulart_config.json", "modulart_state.safetensors"]
+
+
+def test_atomic_write_interrupted_leaves_old_artefact(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    io.save_artifact(tmp_path / "a", operator="demo", config={"v": 1}, tensors={"x": torch.ones(2)})
+
+    def crash(*args: Any, **kwargs: Any) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(io, "save_file", crash)
+    with pytest.raises(KeyboardInterrupt):
+        io.save_artifact(tmp_path / "a", operator="demo", config={"v": 2}, tensors={"x": torch.zeros(2)})
+    art = io.load_artifact(tmp_path / "a")
+    assert art.config == {"v": 1} and torch.equal(art.tensors["x"], torch.ones(2))
+    assert [p.name for p in tmp_path.iterdir()] == ["a"]  # no temp dirs left
+
+
+def test_atomic_write_fresh_target_crash_leaves_nothing(tmp_path: Path) -> None:
+    with pytest.raises(RuntimeError), io.atomic_directory(tmp_path / "new") as tmp:
+        (tmp / "half.bin").write_bytes(b"x")
+        raise RuntimeError("crash")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    "content, match",
+    [
+        (None, "modulart_config.json is missing"),
+        ("{not json", "not valid JSON"),
+        ('{"format": "other"}', "not a modulart artefact"),
+        ('{"format": "modulart-artifact", "format_version": 99, "operator": "x"}', "upgrade modulart"),
+        ('{"format": "modulart-artifact", "format_version": 1, "operator": "x", "tensors": ["w"]}', "incomplete"),
+    ],
+)
+def test_load_errors(tmp_path: Path, content: str | None, match: str) -> None:
+    d = tmp_path / "bad"
+    d.mkdir()
+    if content is not None:
+        (d / "modulart_config.json").write_text(content)
+    with pytest.raises(mt.IncompatibleArtifactError, match=match):
+        io.load_artifact(d)
+
+
+def test_from_pretrained_local_dir_and_offline_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    art = io.save_artifact(tmp_path / "local", operator="demo", config={}, tensors={"x": torch.ones(1)})
+    assert mt.from_pretrained(art) == art
+    # A repo in the Hugging Face cache layout is found offline.
+    cache = tmp_path / "cache"
+    snap = cache / "models--someone--gains" / "snapshots" / ("a" * 40)
+    snap.mkdir(parents=True)
+    for f in art.iterdir():
+        (snap / f.name).write_bytes(f.read_bytes())
+    (cache / "models--someone--gains" / "refs").mkdir()
+    (cache / "models--someone--gains" / "refs" / "main").write_text("a" * 40)
+    got = mt.from_pretrained("someone/gains", cache_dir=str(cache), local_files_only=True)
+    assert io.load_artifact(got).tensors["x"].item() == 1.0
+    with pytest.raises(mt.IncompatibleArtifactError, match="offline, not in the cache"):
+        mt.from_pretrained("someone/missing", cache_dir=str(cache), local_files_only=True)
+    with pytest.raises(mt.IncompatibleArtifactError, match="neither an artefact directory"):
+        mt.from_pretrained("not a//valid id", cache_dir=str(cache), local_files_only=True)
+
+
+def test_push_to_hub_uploads_only_the_artefact(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import huggingface_hub
+
+    art = io.save_artifact(tmp_path / "a", operator="demo", config={}, tensors={"x": torch.ones(1)})
+    calls: dict[str, Any] = {}
+
+    class FakeApi:
+        def __init__(self, token: str | None = None) -> None:
+            calls["token"] = token
+
+        def create_repo(self, repo_id: str, **kw: Any) -> None:
+            calls["create"] = (repo_id, kw)
+
+        def upload_folder(self, **kw: Any) -> Any:
+            calls["upload"] = kw
+            return type("Info", (), {"commit_url": f"https://hub/{kw['repo_id']}/commit/1"})()
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
+    url = mt.push_to_hub(art, "me/gains", token="t")
+    assert url.endswith("me/gains/commit/1") and calls["create"][1]["exist_ok"] is True
+    assert calls["upload"]["folder_path"] == str(art)
+    assert "modulart_config.json" in calls["upload"]["allow_patterns"]
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(mt.IncompatibleArtifactError):
+        mt.push_to_hub(tmp_path / "empty", "me/x")
+
+
+def test_saved_json_is_plain(tmp_path: Path) -> None:
+    fp = mt.fingerprint(torch.nn.Linear(2, 2))
+    io.save_artifact(tmp_path / "a", operator="demo", config={"a": 1}, tensors={}, fingerprint=fp)
+    meta = json.loads((tmp_path / "a" / "modulart_config.json").read_text())
+    assert meta["base_model"]["digest"] == fp.digest and meta["tensors"] == []
+    assert io.load_artifact(tmp_path / "a").tensors == {}
