@@ -50,7 +50,7 @@ from modulart.core.arch import (
 from modulart.core.errors import UnsupportedModuleError
 from modulart.core.hooks import HookSite
 from modulart.core.linear import LinearRef, is_linear_like
-from modulart.core.select import as_selector
+from modulart.core.select import filter_by_selector
 
 __all__ = ["FFN", "adapter_help", "ffn_from_layout", "find_ffns"]
 
@@ -254,7 +254,7 @@ def find_ffns(
         if path in moe:
             continue
         enclosing = [m for m in moe if m == "" or path.startswith(m + ".")]
-        if enclosing and (not include_shared_experts or _is_routed_expert(path, enclosing[-1])):
+        if enclosing and (not include_shared_experts or _is_routed_expert(model, path, enclosing[-1])):
             continue
         layout = FFN_LAYOUTS.lookup(type(module)) or infer_ffn_layout(module)
         if layout is None:
@@ -262,15 +262,16 @@ def find_ffns(
         found.append(ffn_from_layout(model, path, layout))
         claimed.append(path)
     if selector is not None:
-        sel = as_selector(selector)
-        found = [f for f in found if sel.matches(f.path, f.module)]
+        found = filter_by_selector(found, selector, model, strict=strict, what="FFNs")
     if not found and strict:
         raise UnsupportedModuleError(_no_ffn_message(model))
     return found
 
 
-def _is_routed_expert(path: str, moe_path: str) -> bool:
-    experts = _join(moe_path, "experts")
+def _is_routed_expert(model: nn.Module, path: str, moe_path: str) -> bool:
+    block = model.get_submodule(moe_path)
+    layout = MOE_LAYOUTS.lookup(type(block)) or infer_moe_layout(block)
+    experts = _join(moe_path, layout.experts if layout is not None else "experts")
     return path == experts or path.startswith(experts + ".")
 
 

@@ -49,7 +49,7 @@ from modulart.core.errors import ShapeError, UnsupportedModuleError
 from modulart.core.ffn import FFN, adapter_help, ffn_from_layout
 from modulart.core.hooks import HookSite
 from modulart.core.linear import LinearRef
-from modulart.core.select import as_selector
+from modulart.core.select import filter_by_selector
 
 __all__ = ["Expert", "MoE", "Routing", "ScoringRule", "find_moes"]
 
@@ -388,8 +388,7 @@ def find_moes(model: nn.Module, selector: Any = None, *, strict: bool = True) ->
         stack, layer = block_position(model, path)
         found.append(MoE(path, module, layout, model=model, layer=layer, stack=stack))
     if selector is not None:
-        sel = as_selector(selector)
-        found = [m for m in found if sel.matches(m.path, m.module)]
+        found = filter_by_selector(found, selector, model, strict=strict, what="MoE blocks")
     if not found and strict:
         cands = [
             f"  - {p} ({type(m).__name__})"

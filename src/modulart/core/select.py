@@ -28,15 +28,23 @@ import difflib
 import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeAlias, cast
+from typing import Any, Protocol, TypeAlias, TypeVar, cast
 
 from torch import nn
 
 from modulart.core.errors import SelectorError
 
-__all__ = ["LayerSpec", "Selector", "as_selector", "select_layers"]
+__all__ = ["LayerSpec", "Selector", "as_selector", "filter_by_selector", "select_layers"]
 
 Predicate: TypeAlias = Callable[[str, nn.Module], bool]
+
+
+class _View(Protocol):
+    path: str
+    module: nn.Module
+
+
+T = TypeVar("T", bound=_View)
 
 
 @dataclass(frozen=True)
@@ -52,7 +60,8 @@ class _Leaf:
             return "type(" + ", ".join(_type_name(t) for t in self.patterns) + ")"
         if self.kind == "predicate":
             return f"predicate({self.patterns[0]})"
-        return f"{self.kind}(" + ", ".join(repr(p) for p in self.patterns) + ")"
+        shown = (p.pattern if isinstance(p, re.Pattern) else p for p in self.patterns)
+        return f"{self.kind}(" + ", ".join(repr(p) for p in shown) + ")"
 
     def pattern_matches(self, pattern: Any, path: str, module: nn.Module) -> bool:
         return _LEAF_MATCH[self.kind](pattern, path, module)
@@ -237,6 +246,22 @@ def _close(pattern: str, paths: Iterable[str]) -> list[str]:
     return hits or difflib.get_close_matches(pattern, paths, n=5, cutoff=0.3)
 
 
+def filter_by_selector(items: list[T], selector: Any, model: nn.Module, *, strict: bool, what: str) -> list[T]:
+    """Keep the views (anything with ``path`` and ``module``) that ``selector`` selects.
+
+    With ``strict``, the selector is first checked against the whole model (a misspelt pattern
+    raises even inside a union) and an empty result raises :class:`SelectorError` naming it.
+    """
+    sel = as_selector(selector)
+    if strict and sel.strict:
+        sel.select(model)
+    kept = [v for v in items if sel.matches(v.path, v.module)]
+    if strict and not kept:
+        paths = [v.path for v in items]
+        raise SelectorError(f"selector {sel.description} keeps none of the {len(items)} {what} found: {paths[:10]}")
+    return kept
+
+
 def as_selector(spec: Selector | str | Sequence[str] | type[nn.Module] | Predicate) -> Selector:
     """Coerce user input into a :class:`Selector`.
 
@@ -356,7 +381,7 @@ def _resolve(spec: Any, depth: int) -> list[int]:
             raise SelectorError(f"a fractional layer specification must lie in (0, 1], got {spec}")
         return list(range(depth - max(1, round(spec * depth)), depth))
     if isinstance(spec, slice):
-        return list(range(depth))[spec]
+        return sorted(set(range(depth)[spec]))
     if isinstance(spec, range):
         return sorted({_norm(i, depth) for i in spec})
     if isinstance(spec, str):
@@ -365,7 +390,8 @@ def _resolve(spec: Any, depth: int) -> list[int]:
         lo, hi = spec
         if not 0.0 <= lo < hi <= 1.0:
             raise SelectorError(f"a depth-fraction pair must satisfy 0 <= lo < hi <= 1, got {spec}")
-        return list(range(round(lo * depth), max(round(lo * depth) + 1, round(hi * depth))))
+        first = min(round(lo * depth), depth - 1)
+        return list(range(first, max(first + 1, round(hi * depth))))
     if isinstance(spec, Sequence) and all(isinstance(i, int) and not isinstance(i, bool) for i in spec):
         return sorted({_norm(i, depth) for i in spec})
     raise SelectorError(
