@@ -112,6 +112,18 @@ class Fingerprint:
         return cls(digest=str(data["digest"]), tensors={str(k): str(v) for k, v in data.get("tensors", {}).items()})
 
 
+def _chunked_sum(flat: torch.Tensor, chunk: int = 1 << 22) -> float | int:
+    """Sum of all elements without materialising a widened copy of the whole tensor."""
+    if flat.is_complex():
+        flat = torch.view_as_real(flat).reshape(-1)
+    floating = flat.is_floating_point()
+    total: float | int = 0.0 if floating else 0
+    for start in range(0, flat.numel(), chunk):
+        part = flat[start : start + chunk]
+        total += float(part.double().sum()) if floating else int(part.long().sum())
+    return total
+
+
 def _tensor_digest(t: torch.Tensor, sample: int) -> str:
     t = t.detach()
     flat = t.reshape(-1)
@@ -124,10 +136,7 @@ def _tensor_digest(t: torch.Tensor, sample: int) -> str:
             if picked.dtype != torch.bool
             else picked.to(torch.uint8).numpy().tobytes()
         )
-        if t.is_floating_point() or t.is_complex():
-            h.update(repr(float(flat.double().sum().real if t.is_complex() else flat.double().sum())).encode())
-        else:
-            h.update(repr(int(flat.long().sum())).encode())
+        h.update(repr(_chunked_sum(flat)).encode())
     return f"{str(t.dtype).removeprefix('torch.')}|{'x'.join(map(str, t.shape))}|{h.hexdigest()}"
 
 
