@@ -108,6 +108,7 @@ class HookHandle:
         "name",
         "path",
         "priority",
+        "scope",
         "seq",
         "with_kwargs",
     )
@@ -133,6 +134,7 @@ class HookHandle:
         self.enabled = True
         self.seq = next(_SEQ)
         self._registry: HookRegistry | None = registry
+        self.scope = registry.name
         self._dispatcher: _Dispatcher | None = None
 
     @property
@@ -517,12 +519,13 @@ class HookRegistry:
     @contextlib.contextmanager
     def atomic(self) -> Iterator[HookRegistry]:
         """Hooks added inside the block are all removed again if the block raises."""
-        before = len(self._handles)
+        before = {id(h) for h in self.handles(recursive=True)}
         try:
             yield self
         except BaseException:
-            for h in list(self._handles[before:]):
-                h.remove()
+            for h in self.handles(recursive=True):
+                if id(h) not in before:
+                    h.remove()
             raise
 
     # --- removal, enabling --------------------------------------------------------------------
@@ -567,8 +570,10 @@ class HookRegistry:
         return len(self.handles())
 
     def counts(self) -> dict[str, int]:
-        """How often each active callback fired, by hook name."""
-        return {h.name: h.fired for h in self.handles()}
+        """How often each active callback fired, by hook name (``scope::name`` where a child scope reuses a name)."""
+        handles = self.handles()
+        names = [h.name for h in handles]
+        return {(h.name if names.count(h.name) == 1 else f"{h.scope}::{h.name}"): h.fired for h in handles}
 
     def reset_counts(self) -> None:
         """Set every firing counter back to zero."""
@@ -582,14 +587,18 @@ class HookRegistry:
             names: hook names to check (default: every active hook of this registry).
             at_least: the minimum count each must have reached.
         """
-        by_name = {h.name: h for h in self.handles()}
-        unknown = [n for n in names or () if n not in by_name]
-        if unknown:
-            raise HookError(f"no active hook named {unknown}; known: {sorted(by_name)[:20]}")
-        check = [by_name[n] for n in names] if names is not None else list(by_name.values())
+        handles = self.handles()
+        if names is None:
+            check = handles
+        else:
+            known = {h.name for h in handles}
+            unknown = [n for n in names if n not in known]
+            if unknown:
+                raise HookError(f"no active hook named {unknown}; known: {sorted(known)[:20]}")
+            check = [h for h in handles if h.name in set(names)]
         lazy = [h for h in check if h.fired < at_least]
         if lazy:
-            lines = "\n".join(f"  - {h.name} on {h.path!r}: fired {h.fired}x" for h in lazy)
+            lines = "\n".join(f"  - {h.scope}::{h.name} on {h.path!r}: fired {h.fired}x" for h in lazy)
             raise HooksNotFiredError(
                 f"{len(lazy)} hook(s) fired fewer than {at_least} time(s):\n{lines}\n"
                 "The module may be bypassed by a fused kernel or never called on this input; "
@@ -603,19 +612,20 @@ class HookRegistry:
 
     def _install_resolved(self, spec: HookSpec, obj: Any, path: str) -> HookHandle:
         with _LOCK:
-            handle = HookHandle(
-                name=self._unique_name(spec, path),
-                kind=spec.kind,
-                path=path,
-                priority=spec.priority,
-                fn=spec.fn,
-                with_kwargs=spec.with_kwargs,
-                registry=self,
-            )
+            name = self._unique_name(spec, path)
             try:
+                handle = HookHandle(
+                    name=name,
+                    kind=spec.kind,
+                    path=path,
+                    priority=spec.priority,
+                    fn=spec.fn,
+                    with_kwargs=spec.with_kwargs,
+                    registry=self,
+                )
                 _dispatcher_for(obj, spec.kind).add(handle)
             except BaseException:
-                self._names.discard(handle.name)
+                self._names.discard(name)
                 raise
             self._handles.append(handle)
             return handle
@@ -639,6 +649,8 @@ class HookRegistry:
             raise HookError(f"unknown hook kind {spec.kind!r}; expected one of {HOOK_KINDS}")
         if not callable(spec.fn):
             raise HookError(f"hook callback for {spec.target!r} is not callable: {spec.fn!r}")
+        if isinstance(spec.priority, bool) or not isinstance(spec.priority, int):
+            raise HookError(f"hook priority for {spec.target!r} must be an int (see Priority), got {spec.priority!r}")
         target = spec.target
         if spec.kind in _MODULE_KINDS:
             if isinstance(target, str):
@@ -647,15 +659,17 @@ class HookRegistry:
                 raise HookError(f"{spec.kind} hooks need an nn.Module or a module path, got {type(target).__name__}")
             return target, self._path_of(target)
         if spec.kind in ("tensor", "post_accumulate_grad"):
+            path = target if isinstance(target, str) else None
             if isinstance(target, str):
-                return self._param_at(target), target
+                target = self._param_at(target)
             if not isinstance(target, torch.Tensor):
                 raise HookError(f"{spec.kind} hooks need a tensor or a parameter path, got {type(target).__name__}")
+            path = path or self._path_of(target)
             if not target.requires_grad:
-                raise HookError(f"{spec.kind} hook on {self._path_of(target)!r}: the tensor does not require grad")
+                raise HookError(f"{spec.kind} hook on {path!r}: the tensor does not require grad")
             if spec.kind == "post_accumulate_grad" and not target.is_leaf:
-                raise HookError(f"post_accumulate_grad hook on {self._path_of(target)!r}: needs a leaf tensor")
-            return target, self._path_of(target)
+                raise HookError(f"post_accumulate_grad hook on {path!r}: needs a leaf tensor")
+            return target, path
         if not isinstance(target, torch.optim.Optimizer):
             raise HookError(f"{spec.kind} hooks need a torch.optim.Optimizer, got {type(target).__name__}")
         return target, f"<{type(target).__name__}>"
