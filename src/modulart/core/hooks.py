@@ -374,8 +374,17 @@ class HookRegistry:
 
     # --- scopes -------------------------------------------------------------------------------
     def scope(self, name: str) -> HookRegistry:
-        """A child registry; removing the parent removes the child's hooks too."""
-        child = HookRegistry(self.model, name=f"{self.name}/{name}", parent=self)
+        """A child registry; removing the parent removes the child's hooks too.
+
+        A name already used by a sibling gets a ``#2``, ``#3``... suffix so every scope stays distinct.
+        """
+        taken = {c.name for c in self._children}
+        full = base = f"{self.name}/{name}"
+        i = 1
+        while full in taken:
+            i += 1
+            full = f"{base}#{i}"
+        child = HookRegistry(self.model, name=full, parent=self)
         self._children.append(child)
         return child
 
@@ -519,12 +528,12 @@ class HookRegistry:
     @contextlib.contextmanager
     def atomic(self) -> Iterator[HookRegistry]:
         """Hooks added inside the block are all removed again if the block raises."""
-        before = {id(h) for h in self.handles(recursive=True)}
+        before = set(self.handles(recursive=True))  # the handles themselves: ids can be reused
         try:
             yield self
         except BaseException:
             for h in self.handles(recursive=True):
-                if id(h) not in before:
+                if h not in before:
                     h.remove()
             raise
 
