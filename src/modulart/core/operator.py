@@ -285,13 +285,7 @@ class Handle:
             )
         if check_fingerprint:
             art.check_fingerprint(model)
-        handle = op.apply(model, op.config_class.from_dict(art.config))
-        try:
-            handle.load_state_dict(art.tensors)
-        except BaseException:
-            handle.remove()
-            raise
-        return handle
+        return op.apply_from_state(model, op.config_class.from_dict(art.config), art.tensors)
 
     def __repr__(self) -> str:
         state = "removed" if self._removed else f"{len(self.registry)} hooks"
@@ -323,14 +317,24 @@ class Operator:
         cls, model: nn.Module, config: OperatorConfig | Mapping[str, Any] | None = None, /, **overrides: Any
     ) -> Handle:
         """Validate, then apply the operator to ``model``; returns the handle."""
+        return cls._apply(model, cls.make_config(config, overrides), None)
+
+    @classmethod
+    def apply_from_state(cls, model: nn.Module, config: OperatorConfig, state: Mapping[str, torch.Tensor]) -> Handle:
+        """Apply with a saved :meth:`Handle.state_dict` (what :meth:`Handle.load` uses)."""
+        return cls._apply(model, cls.make_config(config, {}), state)
+
+    @classmethod
+    def _apply(cls, model: nn.Module, cfg: OperatorConfig, state: Mapping[str, torch.Tensor] | None) -> Handle:
         if not isinstance(model, nn.Module):
             raise TypeError(f"{cls.__name__}.apply needs an nn.Module, got {type(model).__name__}")
-        cfg = cls.make_config(config, overrides)
-        plan = cls.plan(model, cfg)
+        plan = cls.plan(model, cfg) if state is None else cls.plan_from_state(model, cfg, state)
         handle = cls.handle_class(model, cls, cfg, plan)
         try:
             with handle.registry.atomic():
                 cls.install(handle, plan)
+            if state is not None:
+                handle.load_state_dict(state)
         except BaseException:
             handle.remove()
             raise
@@ -355,6 +359,11 @@ class Operator:
     def plan(cls, model: nn.Module, config: OperatorConfig) -> Plan:
         """Validate against ``model`` and resolve targets, changing nothing (override)."""
         return Plan()
+
+    @classmethod
+    def plan_from_state(cls, model: nn.Module, config: OperatorConfig, state: Mapping[str, torch.Tensor]) -> Plan:
+        """Like :meth:`plan`, given a saved state (override to reuse it instead of recomputing)."""
+        return cls.plan(model, config)
 
     @classmethod
     def install(cls, handle: Handle, plan: Plan) -> None:
