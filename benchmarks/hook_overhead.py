@@ -65,7 +65,12 @@ def main() -> None:
                 store[p] = out.detach()
 
             handles.append(f.output_site.module.register_forward_hook(hook))
-        return lambda: [h.remove() for h in handles] and None
+
+        def teardown() -> None:
+            for h in handles:
+                h.remove()
+
+        return teardown
 
     def registry_capture() -> Callable[[], None]:
         reg = mt.HookRegistry(model, name="bench")
