@@ -19,6 +19,8 @@ from typing import TYPE_CHECKING, Any
 from modulart._version import __version__
 
 if TYPE_CHECKING:
+    from modulart import core as core
+    from modulart import emoe as emoe
     from modulart.core.arch import (
         FFNLayout,
         MoELayout,
@@ -140,7 +142,12 @@ __all__ = [
 assert set(__all__) == {"__version__", *_EXPORTS}
 
 
+_SUBPACKAGES = ("core", "emoe")
+
+
 def __getattr__(name: str) -> Any:
+    if name in _SUBPACKAGES:  # `mt.emoe.apply(...)` without importing modulart.emoe first
+        return importlib.import_module(f"modulart.{name}")
     module = _EXPORTS.get(name)
     if module is None:
         raise AttributeError(f"module 'modulart' has no attribute {name!r}")
@@ -150,4 +157,4 @@ def __getattr__(name: str) -> Any:
 
 
 def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_EXPORTS))
+    return sorted(set(globals()) | set(_EXPORTS) | set(_SUBPACKAGES))

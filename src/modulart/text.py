@@ -36,12 +36,15 @@ def reference_paragraphs() -> tuple[str, ...]:
 
 
 def reference_sentences(n: int | None = None, *, min_words: int = 8, max_words: int = 40) -> list[str]:
-    """Up to ``n`` prose sentences of ``min_words``..``max_words`` words, deterministic order."""
+    """Up to ``n`` distinct prose sentences of ``min_words``..``max_words`` words, deterministic order."""
     out: list[str] = []
+    seen: set[str] = set()
     for para in reference_paragraphs():
-        for sent in re.split(r"(?<=[.!?])\s+(?=[A-Z])", para):
+        for sent in re.split(r"(?<=[.!?])\s+(?=[A-Z\"*])", para):
+            sent = sent.removeprefix("* ").strip()
             words = sent.split()
-            if min_words <= len(words) <= max_words and sent.endswith("."):
+            if min_words <= len(words) <= max_words and sent.endswith(".") and sent not in seen:
+                seen.add(sent)
                 out.append(sent)
                 if n is not None and len(out) >= n:
                     return out

@@ -157,8 +157,13 @@ def run_tour(echo: Callable[[str], None] = print) -> dict[str, Any]:
     echo(f"  recomputed every MoE block (router + experts from canonical weights): max |error| = {moe_err:.2e}")
     for m, load in zip(moes, loads, strict=True):
         echo(f"  {m.path}: expert load " + " ".join(f"{v:.2f}" for v in load))
-    echo("\nNext: modulart.emoe, .migu, .kv, .patcher, .stacking, .introspect build on these views.")
+    echo("\n3. Emergent experts (modulart.emoe) in the real MiniLM")
+    from modulart.emoe.demo import emoe_tour_step
+
+    emoe_numbers = emoe_tour_step(bert, tok, echo)
+    echo("\nNext: modulart.migu, .kv, .patcher, .stacking, .introspect build on the same views.")
     return {
+        "emoe": emoe_numbers,
         "minilm_ffns": len(ffns),
         "minilm_max_error": bert_err,
         "mixtral_moes": len(moes),

@@ -35,243 +35,27 @@ Example:
 
 from __future__ import annotations
 
-import bisect
 import contextlib
-import enum
 import inspect
-import itertools
-import threading
-import weakref
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, TypeAlias, cast
+from typing import Any, Literal
 
 import torch
 from torch import nn
-from torch.utils.hooks import RemovableHandle
 
+from modulart.core.dispatch import (
+    HOOK_KINDS,
+    MODULE_KINDS,
+    REGISTRY_LOCK,
+    HookHandle,
+    HookKind,
+    Priority,
+    dispatcher_for,
+)
 from modulart.core.errors import HookError, HooksNotFiredError
 
 __all__ = ["HookHandle", "HookKind", "HookRegistry", "HookSite", "HookSpec", "Priority"]
-
-HookKind: TypeAlias = Literal[
-    "forward",
-    "forward_pre",
-    "tensor",
-    "post_accumulate_grad",
-    "optimizer_step_pre",
-    "optimizer_step_post",
-]
-HOOK_KINDS: tuple[HookKind, ...] = (
-    "forward",
-    "forward_pre",
-    "tensor",
-    "post_accumulate_grad",
-    "optimizer_step_pre",
-    "optimizer_step_post",
-)
-_MODULE_KINDS = ("forward", "forward_pre")
-HookTarget: TypeAlias = "nn.Module | torch.Tensor | torch.optim.Optimizer | str"
-
-
-class Priority(enum.IntEnum):
-    """Ordering of callbacks on one object: lower runs first; ties run in insertion order."""
-
-    INTERVENE = 0
-    DEFAULT = 50
-    RECORD = 100
-
-
-_SEQ = itertools.count()
-_LOCK = threading.RLock()
-
-
-class HookHandle:
-    """One callback owned by a :class:`HookRegistry`.
-
-    Attributes:
-        name: unique, human-readable name (``"<scope>/<kind>:<path>"`` unless given).
-        kind: the hook kind.
-        path: dotted module/parameter path of the target (or a description).
-        priority: ordering key on the target (lower first).
-        fired: how many times the callback ran since the last reset.
-        enabled: a disabled callback is skipped (and not counted).
-    """
-
-    __slots__ = (
-        "_dispatcher",
-        "_registry",
-        "enabled",
-        "fired",
-        "fn",
-        "kind",
-        "name",
-        "path",
-        "priority",
-        "scope",
-        "seq",
-        "with_kwargs",
-    )
-
-    def __init__(
-        self,
-        *,
-        name: str,
-        kind: HookKind,
-        path: str,
-        priority: int,
-        fn: Callable[..., Any],
-        with_kwargs: bool,
-        registry: HookRegistry,
-    ) -> None:
-        self.name = name
-        self.kind = kind
-        self.path = path
-        self.priority = int(priority)
-        self.fn = fn
-        self.with_kwargs = with_kwargs
-        self.fired = 0
-        self.enabled = True
-        self.seq = next(_SEQ)
-        self._registry: HookRegistry | None = registry
-        self.scope = registry.name
-        self._dispatcher: _Dispatcher | None = None
-
-    @property
-    def active(self) -> bool:
-        """Whether the callback is still installed."""
-        return self._dispatcher is not None
-
-    def remove(self) -> None:
-        """Remove this callback (idempotent)."""
-        with _LOCK:
-            if self._dispatcher is not None:
-                self._dispatcher.discard(self)
-                self._dispatcher = None
-            if self._registry is not None:
-                self._registry._forget(self)
-                self._registry = None
-
-    def __repr__(self) -> str:
-        state = "active" if self.active else "removed"
-        return f"HookHandle({self.name!r}, priority={self.priority}, fired={self.fired}, {state})"
-
-
-class _Dispatcher:
-    """The single torch hook modulart owns on one (object, kind)."""
-
-    def __init__(self, target: Any, kind: HookKind) -> None:
-        self.key = (id(target), kind)
-        self.target_ref = weakref.ref(target)
-        self.kind = kind
-        self.entries: list[HookHandle] = []
-        self.torch_handle: RemovableHandle = self._register(target)
-        self._finalizer = weakref.finalize(target, _DISPATCHERS.pop, self.key, None)
-
-    def _register(self, target: Any) -> RemovableHandle:
-        kind = self.kind
-        if kind == "forward":
-            return cast(RemovableHandle, target.register_forward_hook(self._run_forward, with_kwargs=True))
-        if kind == "forward_pre":
-            return cast(RemovableHandle, target.register_forward_pre_hook(self._run_pre, with_kwargs=True))
-        if kind == "tensor":
-            return cast(RemovableHandle, target.register_hook(self._run_grad))
-        if kind == "post_accumulate_grad":
-            return cast(RemovableHandle, target.register_post_accumulate_grad_hook(self._run_post_acc))
-        if kind == "optimizer_step_pre":
-            return cast(RemovableHandle, target.register_step_pre_hook(self._run_opt_pre))
-        return cast(RemovableHandle, target.register_step_post_hook(self._run_opt_post))
-
-    def add(self, entry: HookHandle) -> None:
-        keys = [(e.priority, e.seq) for e in self.entries]
-        self.entries.insert(bisect.bisect_right(keys, (entry.priority, entry.seq)), entry)
-        entry._dispatcher = self
-
-    def discard(self, entry: HookHandle) -> None:
-        with contextlib.suppress(ValueError):
-            self.entries.remove(entry)
-        if not self.entries:
-            self.torch_handle.remove()
-            self._finalizer.detach()
-            if _DISPATCHERS.get(self.key) is self:
-                del _DISPATCHERS[self.key]
-
-    # --- the torch-facing callbacks -----------------------------------------------------------
-    def _run_forward(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> Any:
-        for e in tuple(self.entries):
-            if not e.enabled:
-                continue
-            e.fired += 1
-            r = e.fn(module, args, kwargs, output) if e.with_kwargs else e.fn(module, args, output)
-            if r is not None:
-                output = r
-        return output
-
-    def _run_pre(
-        self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
-    ) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
-        changed = False
-        for e in tuple(self.entries):
-            if not e.enabled:
-                continue
-            e.fired += 1
-            if e.with_kwargs:
-                r = e.fn(module, args, kwargs)
-                if r is not None:
-                    if not (isinstance(r, tuple) and len(r) == 2 and isinstance(r[1], dict)):
-                        raise HookError(
-                            f"forward-pre hook {e.name!r} (with_kwargs) must return None or "
-                            f"(args, kwargs), got {type(r).__name__}"
-                        )
-                    args, kwargs = (r[0] if isinstance(r[0], tuple) else (r[0],)), r[1]
-                    changed = True
-            else:
-                r = e.fn(module, args)
-                if r is not None:
-                    args = r if isinstance(r, tuple) else (r,)
-                    changed = True
-        return (args, kwargs) if changed else None
-
-    def _run_grad(self, grad: torch.Tensor) -> torch.Tensor | None:
-        changed = False
-        for e in tuple(self.entries):
-            if not e.enabled:
-                continue
-            e.fired += 1
-            r = e.fn(grad)
-            if r is not None:
-                grad, changed = r, True
-        return grad if changed else None
-
-    def _run_post_acc(self, param: torch.Tensor) -> None:
-        for e in tuple(self.entries):
-            if e.enabled:
-                e.fired += 1
-                e.fn(param)
-
-    def _run_opt_pre(
-        self, opt: torch.optim.Optimizer, args: tuple[Any, ...], kwargs: dict[str, Any]
-    ) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
-        changed = False
-        for e in tuple(self.entries):
-            if not e.enabled:
-                continue
-            e.fired += 1
-            r = e.fn(opt, args, kwargs)
-            if r is not None:
-                args, kwargs = r
-                changed = True
-        return (args, kwargs) if changed else None
-
-    def _run_opt_post(self, opt: torch.optim.Optimizer, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        for e in tuple(self.entries):
-            if e.enabled:
-                e.fired += 1
-                e.fn(opt, args, kwargs)
-
-
-# (id(target), kind) -> dispatcher; shared by every registry so priorities hold across operators.
-_DISPATCHERS: dict[tuple[int, HookKind], _Dispatcher] = {}
 
 
 def _positional_name(module: nn.Module, index: int) -> str | None:
@@ -285,15 +69,6 @@ def _positional_name(module: nn.Module, index: int) -> str | None:
     except (TypeError, ValueError):
         return None
     return params[index].name if index < len(params) else None
-
-
-def _dispatcher_for(target: Any, kind: HookKind) -> _Dispatcher:
-    key = (id(target), kind)
-    d = _DISPATCHERS.get(key)
-    if d is None or d.target_ref() is not target:
-        d = _Dispatcher(target, kind)
-        _DISPATCHERS[key] = d
-    return d
 
 
 @dataclass(frozen=True)
@@ -355,7 +130,7 @@ class HookRegistry:
         >>> lin = torch.nn.Linear(3, 3)
         >>> reg = HookRegistry(lin, name="demo")
         >>> _ = reg.forward(lin, lambda m, a, out: out * 0, priority=Priority.INTERVENE)
-        >>> float(lin(torch.ones(1, 3)).abs().sum())
+        >>> lin(torch.ones(1, 3)).abs().sum().item()
         0.0
         >>> reg.remove(); lin._forward_hooks
         OrderedDict()
@@ -540,7 +315,7 @@ class HookRegistry:
     # --- removal, enabling --------------------------------------------------------------------
     def remove(self) -> None:
         """Remove every hook this registry (and its child scopes) added; foreign hooks stay."""
-        with _LOCK:
+        with REGISTRY_LOCK:
             for child in list(self._children):
                 child.remove()
             for h in list(self._handles):
@@ -620,7 +395,7 @@ class HookRegistry:
         return self._install_resolved(spec, obj, path)
 
     def _install_resolved(self, spec: HookSpec, obj: Any, path: str) -> HookHandle:
-        with _LOCK:
+        with REGISTRY_LOCK:
             name = self._unique_name(spec, path)
             try:
                 handle = HookHandle(
@@ -632,7 +407,7 @@ class HookRegistry:
                     with_kwargs=spec.with_kwargs,
                     registry=self,
                 )
-                _dispatcher_for(obj, spec.kind).add(handle)
+                dispatcher_for(obj, spec.kind).add(handle)
             except BaseException:
                 self._names.discard(name)
                 raise
@@ -661,7 +436,7 @@ class HookRegistry:
         if isinstance(spec.priority, bool) or not isinstance(spec.priority, int):
             raise HookError(f"hook priority for {spec.target!r} must be an int (see Priority), got {spec.priority!r}")
         target = spec.target
-        if spec.kind in _MODULE_KINDS:
+        if spec.kind in MODULE_KINDS:
             if isinstance(target, str):
                 return self._module_at(target), target
             if not isinstance(target, nn.Module):

@@ -1,0 +1,258 @@
+"""Balanced k-means for EMoE: speed and quality against an exact size-constrained solver, same run.
+
+Workload: a Llama-7B-shaped key matrix (``gate_proj`` rows: 11008 × 4096) split into k = 64 experts,
+rows L2-normalised as EMoE does. Two inputs:
+
+- ``random_normal``: i.i.d. N(0, 1) entries (no structure: every balanced split is nearly as good);
+- ``mixture``: 64 random centres plus isotropic noise of the same scale, with unequal natural cluster
+  sizes (weights ``U(0.2, 1.2)``), so the balance constraint has to split and merge groups.
+
+Solvers, on the same normalised input:
+
+- ``ours``: :func:`modulart.emoe.cluster.balanced_kmeans` (``cache=False``);
+- ``exact``: the PyPI package ``k-means-constrained`` (size-constrained k-means whose assignment
+  step is an exact min-cost flow, as in the EMoE reference), ``size_min = n // k``,
+  ``size_max = ceil(n / k)``, one k-means++ initialisation (``n_init=1``), ``max_iter=300``. It runs
+  in a child process with a time limit (``--exact-timeout``); when it cannot finish at full size,
+  both solvers are compared on a row subsample (``--subsample``) and our full-size time is reported
+  separately. Without the package, unconstrained Lloyd k-means (a lower bound on what a size
+  constraint allows, up to local optima) stands in as the reference.
+
+Also reported for context: the inertia of a random balanced split and of unconstrained Lloyd.
+Targets: ``time_ours < 60 s`` at full size and ``inertia_ours / inertia_exact <= 1.05``.
+
+Install the exact solver for this benchmark only (it is not a modulart dependency)::
+
+    pip install k-means-constrained
+
+Usage:
+    python benchmarks/emoe_clustering.py [--n 11008] [--d 4096] [--k 64] [--seed 0]
+        [--exact-timeout 600] [--subsample 2048] [--out benchmarks/results/emoe_clustering.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from modulart.emoe import cluster as cl
+
+TIME_TARGET_S = 60.0
+RATIO_TARGET = 1.05
+
+
+def make_data(kind: str, n: int, d: int, k: int, seed: int) -> tuple[torch.Tensor, dict[str, Any]]:
+    """``[n, d]`` fp32 rows of the named kind, plus a description."""
+    g = torch.Generator().manual_seed(seed)
+    if kind == "random_normal":
+        return torch.randn(n, d, generator=g), {"kind": kind}
+    centres = torch.randn(k, d, generator=g)
+    weights = torch.rand(k, generator=g) + 0.2
+    assign = torch.multinomial(weights / weights.sum(), n, replacement=True, generator=g)
+    x = centres[assign] + torch.randn(n, d, generator=g)
+    sizes = torch.bincount(assign, minlength=k)
+    return x, {"kind": kind, "natural_size_min": int(sizes.min()), "natural_size_max": int(sizes.max())}
+
+
+def unconstrained_lloyd(x: torch.Tensor, k: int, seed: int, max_iter: int = 100) -> torch.Tensor:
+    """Plain Lloyd k-means (same greedy k-means++ initialisation) on normalised rows; labels ``[n]``."""
+    u = F.normalize(x.float(), dim=1)
+    centres = cl._kmeans_pp(u, k, torch.Generator().manual_seed(seed))
+    labels = torch.full((u.shape[0],), -1, dtype=torch.int64)
+    for _ in range(max_iter):
+        new = (centres.square().sum(1)[None, :] - 2.0 * (u @ centres.T)).argmin(1)
+        if torch.equal(new, labels):
+            break
+        labels = new
+        counts = torch.bincount(labels, minlength=k).clamp_min(1).float()
+        fresh = torch.zeros_like(centres).index_add_(0, labels, u) / counts[:, None]
+        centres = torch.where((torch.bincount(labels, minlength=k) > 0)[:, None], fresh, centres)
+    return labels
+
+
+def _exact_child(path: str, k: int, seed: int, out: str) -> None:
+    from k_means_constrained import KMeansConstrained
+
+    x = np.load(path)
+    n = x.shape[0]
+    t0 = time.perf_counter()
+    km = KMeansConstrained(
+        n_clusters=k, size_min=n // k, size_max=-(-n // k), n_init=1, max_iter=300, random_state=seed
+    )
+    km.fit(x)
+    elapsed = time.perf_counter() - t0
+    np.save(out, np.asarray(km.labels_, dtype=np.int64))
+    Path(out + ".json").write_text(json.dumps({"time": elapsed, "n_iter": int(km.n_iter_)}))
+
+
+def run_exact(u: torch.Tensor, k: int, seed: int, timeout: float) -> dict[str, Any] | None:
+    """k-means-constrained in a child process; ``None`` if it did not finish within ``timeout``."""
+    with tempfile.TemporaryDirectory() as tmp:
+        data = str(Path(tmp) / "x.npy")
+        out = str(Path(tmp) / "labels.npy")
+        np.save(data, u.double().numpy())
+        proc = mp.get_context("spawn").Process(target=_exact_child, args=(data, k, seed, out))
+        proc.start()
+        proc.join(timeout)
+        if proc.is_alive():
+            proc.terminate()
+            proc.join()
+            return None
+        if proc.exitcode != 0 or not Path(out).is_file():
+            raise RuntimeError(f"k-means-constrained failed (exit code {proc.exitcode})")
+        info = json.loads(Path(out + ".json").read_text())
+        info["labels"] = torch.from_numpy(np.load(out))
+        return info
+
+
+def exact_available() -> str | None:
+    try:
+        from importlib.metadata import version
+
+        import k_means_constrained  # noqa: F401
+    except ImportError:
+        return None
+    return version("k-means-constrained")
+
+
+def timed_ours(x: torch.Tensor, k: int, seed: int) -> tuple[torch.Tensor, float]:
+    t0 = time.perf_counter()
+    labels = cl.balanced_kmeans(x, k, seed=seed, cache=False, progress=False)
+    return labels, time.perf_counter() - t0
+
+
+def bench_one(kind: str, args: argparse.Namespace, exact_version: str | None) -> dict[str, Any]:
+    n, d, k, seed = args.n, args.d, args.k, args.seed
+    x, info = make_data(kind, n, d, k, seed)
+    u = F.normalize(x, dim=1)
+    row: dict[str, Any] = {**info, "n": n, "d": d, "k": k, "seed": seed}
+
+    labels, t_ours = timed_ours(x, k, seed)
+    sizes = cl.cluster_sizes(labels, k)
+    row.update(
+        time_ours=t_ours,
+        inertia_ours=cl.inertia(x, labels, k),
+        ours_sizes=[int(sizes.min()), int(sizes.max())],
+        inertia_random_split=cl.inertia(x, cl.random_balanced_labels(n, k, seed=seed), k),
+        cosine_ours=cl.within_cluster_cosine(x, labels, k),
+        cosine_random_split=cl.within_cluster_cosine(x, cl.random_balanced_labels(n, k, seed=seed), k),
+    )
+    t0 = time.perf_counter()
+    row["inertia_unconstrained"] = cl.inertia(x, unconstrained_lloyd(x, k, seed), k)
+    row["time_unconstrained"] = time.perf_counter() - t0
+
+    if exact_version is None:
+        row.update(
+            exact_solver="unconstrained Lloyd (lower bound; k-means-constrained not installed)",
+            exact_scope="full",
+            exact_rows=n,
+            inertia_exact=row["inertia_unconstrained"],
+            time_exact=row["time_unconstrained"],
+        )
+    else:
+        print(f"  [{kind}] exact solver at full size (limit {args.exact_timeout:.0f} s) ...", flush=True)
+        res = run_exact(u, k, seed, args.exact_timeout)
+        scope_x, scope_u, scope = x, u, "full"
+        if res is None:
+            m = min(args.subsample, n)
+            pick = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:m].sort().values
+            scope_x, scope_u, scope = (
+                x[pick],
+                u[pick],
+                f"subsample n={m} (full size exceeded {args.exact_timeout:.0f} s)",
+            )
+            print(f"  [{kind}] exact solver timed out; comparing on a {m}-row subsample", flush=True)
+            res = run_exact(scope_u, k, seed, args.exact_timeout)
+            if res is None:
+                raise RuntimeError("k-means-constrained did not finish even on the subsample")
+            sub_labels, t_sub = timed_ours(scope_x, k, seed)
+            row.update(time_ours_scope=t_sub, inertia_ours_scope=cl.inertia(scope_x, sub_labels, k))
+        else:
+            row.update(time_ours_scope=t_ours, inertia_ours_scope=row["inertia_ours"])
+        exact_sizes = cl.cluster_sizes(res["labels"], k)
+        row.update(
+            exact_solver=f"k-means-constrained {exact_version} (n_init=1, max_iter=300)",
+            exact_scope=scope,
+            exact_rows=scope_x.shape[0],
+            time_exact=res["time"],
+            exact_iterations=res["n_iter"],
+            exact_sizes=[int(exact_sizes.min()), int(exact_sizes.max())],
+            inertia_exact=cl.inertia(scope_x, res["labels"], k),
+        )
+    ours_scope = row.get("inertia_ours_scope", row["inertia_ours"])
+    row["ratio_inertia_ours_over_exact"] = ours_scope / row["inertia_exact"]
+    row["speedup_vs_exact"] = row["time_exact"] / row.get("time_ours_scope", t_ours)
+    row["meets_time_target"] = t_ours < TIME_TARGET_S
+    row["meets_ratio_target"] = row["ratio_inertia_ours_over_exact"] <= RATIO_TARGET
+    return row
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--n", type=int, default=11008)
+    ap.add_argument("--d", type=int, default=4096)
+    ap.add_argument("--k", type=int, default=64)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--kinds", nargs="+", default=["random_normal", "mixture"], choices=["random_normal", "mixture"])
+    ap.add_argument("--exact-timeout", type=float, default=600.0, help="seconds per exact-solver run")
+    ap.add_argument("--subsample", type=int, default=2048, help="rows for the comparison if full size times out")
+    ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "emoe_clustering.json")
+    args = ap.parse_args()
+
+    exact_version = exact_available()
+    load_before = os.getloadavg()
+    rows = {}
+    for kind in args.kinds:
+        print(f"{kind}: {args.n} x {args.d}, k = {args.k}", flush=True)
+        rows[kind] = bench_one(kind, args, exact_version)
+    load_after = os.getloadavg()
+
+    print()
+    head = f"{'input':<14} {'t_ours[s]':>9} {'t_exact[s]':>10} {'scope':<10} {'I_ours':>11} {'I_exact':>11}"
+    print(head + f" {'ratio':>7} {'I_random':>11} {'I_unconstr':>11} {'cos ours/rand':>14}")
+    for kind, r in rows.items():
+        scope = "full" if r["exact_rows"] == r["n"] else f"n={r['exact_rows']}"
+        print(
+            f"{kind:<14} {r['time_ours']:>9.2f} {r['time_exact']:>10.2f} {scope:<10} "
+            f"{r.get('inertia_ours_scope', r['inertia_ours']):>11.2f} {r['inertia_exact']:>11.2f} "
+            f"{r['ratio_inertia_ours_over_exact']:>7.4f} {r['inertia_random_split']:>11.2f} "
+            f"{r['inertia_unconstrained']:>11.2f} {r['cosine_ours']:>6.4f}/{r['cosine_random_split']:.4f}"
+        )
+    print(f"exact solver: {next(iter(rows.values()))['exact_solver']}")
+    print(f"targets: time_ours < {TIME_TARGET_S:.0f} s, ratio <= {RATIO_TARGET}")
+    print(f"load average before/after: {load_before[0]:.2f} / {load_after[0]:.2f} on {os.cpu_count()} CPUs")
+
+    result = {
+        "benchmark": "emoe_clustering",
+        "targets": {"time_ours_s": TIME_TARGET_S, "ratio_inertia_ours_over_exact": RATIO_TARGET},
+        "environment": {
+            "torch": torch.__version__,
+            "numpy": np.__version__,
+            "python": platform.python_version(),
+            "cpu_count": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
+            "load_average_before": load_before,
+            "load_average_after": load_after,
+            "algorithm_version": cl.ALGORITHM_VERSION,
+        },
+        "results": rows,
+        "all_targets_met": all(r["meets_time_target"] and r["meets_ratio_target"] for r in rows.values()),
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

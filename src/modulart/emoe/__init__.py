@@ -1,0 +1,36 @@
+"""modulart.emoe: emergent mixture-of-experts from dense FFNs (arXiv 2310.10908).
+
+Split each chosen FFN's neurons into ``N`` balanced experts by clustering their key vectors, route
+every token to its top-``k`` experts with a gate derived from the keys themselves (no new
+parameters), fine-tune as usual, then ``merge_()`` back to a stock dense model.
+
+Example:
+    >>> import torch, modulart as mt
+    >>> model = torch.nn.Sequential(torch.nn.Linear(8, 64), torch.nn.GELU(), torch.nn.Linear(64, 8))
+    >>> handle = mt.emoe.apply(model, num_experts=8, top_k=2, layers="all")
+    >>> y = model(torch.randn(4, 8))
+    >>> stats = next(iter(handle.routing_stats().values()))
+    >>> stats.tokens, round(sum(stats.load), 6)
+    (4, 1.0)
+    >>> _ = handle.merge_()
+"""
+
+from modulart.emoe.cluster import balanced_kmeans, random_balanced_labels, within_cluster_cosine
+from modulart.emoe.config import EMoEConfig, default_layers
+from modulart.emoe.layer import ConvertedFFN, RoutingStats
+from modulart.emoe.operator import EMoE, EMoEHandle, apply
+from modulart.emoe.routing import ExpertGroups
+
+__all__ = [
+    "ConvertedFFN",
+    "EMoE",
+    "EMoEConfig",
+    "EMoEHandle",
+    "ExpertGroups",
+    "RoutingStats",
+    "apply",
+    "balanced_kmeans",
+    "default_layers",
+    "random_balanced_labels",
+    "within_cluster_cosine",
+]

@@ -1,0 +1,229 @@
+"""One converted FFN: routing, the masked and sparse executors, and routing telemetry.
+
+Both executors work through hooks on the FFN view's sites; the model's modules are never replaced.
+
+- **masked** (training; static shapes): the FFN input q is recorded at ``input_site``; at
+  ``hidden_site`` the hidden activation h is multiplied by the 0/1 mask of each token's selected
+  experts, so ``y = (m(x) ⊙ h) W_outᵀ + b_out`` with ``b_out`` added once, by the model itself.
+  Gradients reach only selected neurons.
+- **sparse** (inference): at ``input_site`` the hook computes the FFN output from the selected
+  experts only (tokens grouped by expert, one gather of the weights per call, contiguous per-expert
+  slices), then hands the module an *empty* token dimension so the dense path costs nothing; at
+  ``output_site`` the hook returns the sparse result. Outputs equal the masked executor's.
+
+Example:
+    >>> import torch, modulart as mt
+    >>> from modulart.emoe.layer import ConvertedFFN
+    >>> model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 4))
+    >>> ffn = mt.find_ffns(model)[0]
+    >>> layer = ConvertedFFN(ffn, torch.tensor([0, 1] * 4), mt.emoe.EMoEConfig(num_experts=2, top_k=1))
+    >>> with mt.HookRegistry(model) as reg:
+    ...     layer.install(reg)
+    ...     y = model(torch.randn(3, 4))
+    >>> layer.counts.sum().item()  # 3 tokens, 1 expert each
+    3
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from modulart.core.errors import HookError
+from modulart.core.ffn import FFN
+from modulart.core.hooks import HookRegistry, Priority
+from modulart.emoe.config import EMoEConfig
+from modulart.emoe.routing import ExpertGroups, balance_loss, select_topk, selection_mask
+
+__all__ = ["ConvertedFFN", "RoutingStats"]
+
+
+@dataclass(frozen=True)
+class RoutingStats:
+    """Routing telemetry of one layer since the previous :meth:`ConvertedFFN.stats` call.
+
+    Attributes:
+        tokens: tokens routed.
+        load: ``[N]`` fraction of expert selections that went to each expert (sums to 1).
+        entropy: entropy of ``load`` divided by ``log N`` (1 = perfectly even use).
+        stability: ``1 - total variation distance`` between this ``load`` and the previous call's
+            (1 = the same usage; None on the first call).
+    """
+
+    tokens: int
+    load: list[float]
+    entropy: float
+    stability: float | None
+
+
+class ConvertedFFN:
+    """Routing state and hooks of one FFN converted to ``N`` experts.
+
+    Args:
+        ffn: the FFN view.
+        labels: ``[d_ff]`` expert id of each neuron.
+        config: the conversion config.
+        centroids: ``[N, d_model]`` frozen centroids (router ``frozen``; default: computed now).
+    """
+
+    def __init__(
+        self, ffn: FFN, labels: torch.Tensor, config: EMoEConfig, centroids: torch.Tensor | None = None
+    ) -> None:
+        self.ffn = ffn
+        self.config = config
+        device = ffn.keys.device
+        self.groups = ExpertGroups(labels.to(device), config.num_experts)
+        self.frozen = (
+            centroids.to(device, torch.float32) if centroids is not None else self.groups.centroids(ffn.keys.detach())
+        )
+        self.generator = torch.Generator(device=device).manual_seed(config.seed)
+        self.counts = torch.zeros(config.num_experts, dtype=torch.long)
+        self.tokens = 0
+        self.previous_load: torch.Tensor | None = None
+        self.last_balance_loss: torch.Tensor | None = None
+        self._q: torch.Tensor | None = None
+        self._pending: torch.Tensor | None = None
+        self._weight_cache: tuple[tuple[object, ...], list[tuple[torch.Tensor, ...]]] | None = None
+
+    # --- routing ------------------------------------------------------------------------------
+    def scores(self, q: torch.Tensor, h: torch.Tensor | None = None) -> torch.Tensor:
+        """``q [T, d_model]`` (and ``h [T, d_ff]`` for ``oracle``) -> router scores ``[T, N]`` (fp32)."""
+        router = self.config.router
+        if router == "oracle":
+            if h is None:
+                raise HookError(f"{self.ffn.path}: the oracle router needs the hidden activations")
+            return self.groups.expert_mass(h)
+        if router == "random":
+            return torch.rand(q.shape[0], self.config.num_experts, generator=self.generator, device=q.device)
+        qf = q.float() if self.config.balance_loss_weight > 0 else q.detach().float()
+        if router == "frozen":
+            return qf @ self.frozen.t()
+        keys = self.ffn.keys if self.config.balance_loss_weight > 0 else self.ffn.keys.detach()
+        g = self.groups.centroids(keys)
+        if router == "cosine":
+            return F.normalize(qf, dim=-1) @ F.normalize(g, dim=-1).t()
+        s = qf @ g.t()
+        return -s if router == "bottomk" else s
+
+    def route(self, q: torch.Tensor, h: torch.Tensor | None = None) -> torch.Tensor:
+        """Selected experts ``[T, k]`` for ``q [T, d_model]``; records telemetry and the balance loss."""
+        s = self.scores(q, h)
+        if self.config.gate_noise > 0 and self.ffn.module.training:
+            noise = torch.randn(s.shape, generator=self.generator, device=s.device)
+            s = s + noise * (self.config.gate_noise / self.config.num_experts)
+        idx = select_topk(s.detach(), self.config.top_k)
+        if self.config.balance_loss_weight > 0 and torch.is_grad_enabled():
+            self.last_balance_loss = balance_loss(s, idx, self.config.num_experts)
+        self.counts += torch.bincount(idx.flatten().cpu(), minlength=self.config.num_experts)
+        self.tokens += int(idx.shape[0])
+        return idx
+
+    # --- hooks --------------------------------------------------------------------------------
+    def install(self, registry: HookRegistry) -> None:
+        """Install this layer's executor hooks (interventions) in ``registry``."""
+        name = self.ffn.path
+        if self.config.executor == "masked":
+            registry.at(self.ffn.input_site, self._record_q, priority=Priority.INTERVENE, name=f"{name}:q")
+            registry.at(self.ffn.hidden_site, self._mask_hidden, priority=Priority.INTERVENE, name=f"{name}:mask")
+        else:
+            registry.at(self.ffn.input_site, self._sparse_input, priority=Priority.INTERVENE, name=f"{name}:sparse")
+            registry.at(self.ffn.output_site, self._sparse_output, priority=Priority.INTERVENE, name=f"{name}:out")
+
+    def _record_q(self, q: torch.Tensor) -> None:
+        self._q = q
+
+    def _mask_hidden(self, h: torch.Tensor) -> torch.Tensor:
+        q, self._q = self._q, None
+        if q is None:
+            raise HookError(f"{self.ffn.path}: the FFN input was not seen before its hidden activation")
+        q2, h2 = q.reshape(-1, q.shape[-1]), h.reshape(-1, h.shape[-1])
+        if q2.shape[0] != h2.shape[0]:
+            raise HookError(f"{self.ffn.path}: {q2.shape[0]} input tokens but {h2.shape[0]} hidden rows")
+        idx = self.route(q2, h2 if self.config.router == "oracle" else None)
+        mask = self.groups.neuron_mask(selection_mask(idx, self.config.num_experts).to(h2.dtype))
+        return (h2 * mask).reshape(h.shape)
+
+    def _sparse_input(self, x: torch.Tensor) -> torch.Tensor:
+        x2 = x.reshape(-1, x.shape[-1])
+        y = self.sparse_forward(x2, self.route(x2))
+        self._pending = y.reshape(*x.shape[:-1], y.shape[-1])
+        return x.narrow(-2, 0, 0)  # the dense path now runs on zero tokens
+
+    def _sparse_output(self, y: torch.Tensor) -> torch.Tensor:
+        out, self._pending = self._pending, None
+        if out is None:
+            raise HookError(f"{self.ffn.path}: sparse output requested before its input was seen")
+        return out.to(y.dtype)
+
+    # --- the sparse executor ------------------------------------------------------------------
+    def _grouped_weights(self) -> list[tuple[torch.Tensor, ...]]:
+        """Per expert: ``(keysᵀ [d, s], upᵀ [d, s] | empty, values-rows [s, d], key bias, up bias)``.
+
+        Contiguous per-expert copies, laid out for ``rows @ W`` products. Cached while the weights
+        are unchanged (same storage and in-place version) and no gradient is needed; rebuilt
+        differentiably otherwise.
+        """
+        ffn = self.ffn
+        tensors = (ffn.keys, ffn.up, ffn.values.t(), ffn.key_bias, ffn.up_bias)
+        grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+        stamp = tuple((t.data_ptr(), t._version) if t is not None else None for t in tensors)
+        if not grad and self._weight_cache is not None and self._weight_cache[0] == stamp:
+            return self._weight_cache[1]
+        order = self.groups.order.to(ffn.keys.device)
+        empty = ffn.keys.new_empty(0)
+        keys, up, vals, kb, ub = (t.index_select(0, order) if t is not None else None for t in tensors)
+        assert keys is not None and vals is not None
+        sizes = self.groups.sizes.tolist()
+
+        def chunks(t: torch.Tensor | None) -> list[torch.Tensor]:  # split: one cat in backward, not N slices
+            return list(torch.split(t, sizes)) if t is not None else [empty] * len(sizes)
+
+        grouped: list[tuple[torch.Tensor, ...]] = [
+            (k.t().contiguous(), u.t().contiguous() if u.numel() else empty, v, kb_j, ub_j)
+            for k, u, v, kb_j, ub_j in zip(chunks(keys), chunks(up), chunks(vals), chunks(kb), chunks(ub), strict=True)
+        ]
+        self._weight_cache = None if grad else (stamp, grouped)
+        return grouped
+
+    def sparse_forward(self, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """``x [T, d_model]``, selected experts ``idx [T, k]`` -> ``y [T, d_model]`` from those experts only.
+
+        Tokens are grouped by expert; each expert gathers its tokens, runs its neuron slice and
+        adds its output back, which keeps the working set of one expert in cache.
+        """
+        ffn = self.ffn
+        t, k = idx.shape
+        flat = idx.reshape(-1)
+        token = torch.div(torch.argsort(flat, stable=True), k, rounding_mode="floor")
+        per_expert = torch.bincount(flat, minlength=self.groups.num_experts).tolist()
+        out = torch.zeros(t, ffn.d_model, dtype=x.dtype, device=x.device)
+        start = 0
+        for (keys_t, up_t, vals, kb, ub), n_tok in zip(self._grouped_weights(), per_expert, strict=True):
+            if n_tok == 0:
+                continue
+            tok = token[start : start + n_tok]
+            start += n_tok
+            rows = x.index_select(0, tok)
+            h = ffn.activation(torch.addmm(kb, rows, keys_t) if kb.numel() else rows @ keys_t)
+            if up_t.numel():
+                h = h * (torch.addmm(ub, rows, up_t) if ub.numel() else rows @ up_t)
+            out.index_add_(0, tok, (h @ vals).to(out.dtype))
+        return out + ffn.value_bias if ffn.value_bias is not None else out
+
+    # --- telemetry ----------------------------------------------------------------------------
+    def stats(self) -> RoutingStats:
+        """Telemetry since the last call (then reset)."""
+        total = self.counts.sum().clamp(min=1).double()
+        load = self.counts.double() / total
+        nz = load[load > 0]
+        n = self.config.num_experts
+        entropy = float(-(nz * nz.log()).sum() / math.log(n)) if n > 1 else 1.0
+        stability = None if self.previous_load is None else float(1 - 0.5 * (load - self.previous_load).abs().sum())
+        out = RoutingStats(tokens=self.tokens, load=load.tolist(), entropy=entropy, stability=stability)
+        self.previous_load = load
+        self.counts.zero_()
+        self.tokens = 0
+        return out
