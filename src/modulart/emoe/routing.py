@@ -92,7 +92,8 @@ class ExpertGroups:
 
     def neuron_mask(self, selected: torch.Tensor) -> torch.Tensor:
         """``selected [T, N] -> [T, d_ff]`` (same dtype, bool or 0/1 float): which neurons each token uses."""
-        return selected[:, self.labels.to(selected.device)]
+        index = self.labels.to(selected.device).expand(selected.shape[0], -1)
+        return torch.gather(selected, 1, index)  # ~2x faster than advanced indexing on CPU
 
 
 def select_topk(scores: torch.Tensor, k: int) -> torch.Tensor:
