@@ -43,11 +43,18 @@ def test_readme_has_exactly_two_setup_commands_and_ci_runs_the_test_one() -> Non
     assert tests in (ROOT / ".ci" / "run").read_text()
 
 
-def test_cli_version_and_operators() -> None:
+def test_cli_version_and_operators(capsys: pytest.CaptureFixture[str]) -> None:
     from modulart.cli import main
 
     assert main(["version"]) == 0
     assert main(["operators"]) == 0
+    assert "emoe" in capsys.readouterr().out.split()  # built-in operators are found without importing them
+
+
+def test_builtin_operator_found_by_name_in_a_fresh_interpreter() -> None:
+    code = "import modulart as mt; print(mt.get_operator('emoe').__name__, mt.available_operators())"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.startswith("EMoE") and "'emoe'" in out.stdout
 
 
 @pytest.mark.slow

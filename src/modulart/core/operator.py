@@ -441,8 +441,21 @@ def get_operator(name: str) -> type[Operator]:
 
 def available_operators() -> list[str]:
     """Names of all registered operators (built-in, user-registered and from entry points)."""
+    _load_builtins()
     _load_entry_points()
     return sorted(_OPERATORS)
+
+
+def _load_builtins() -> None:
+    """Import every operator subpackage of modulart (each registers its operator on import)."""
+    import importlib
+    import pkgutil
+
+    import modulart
+
+    for info in pkgutil.iter_modules(modulart.__path__):
+        if info.ispkg and info.name != "core":
+            importlib.import_module(f"modulart.{info.name}")
 
 
 def _load_builtin(name: str) -> None:
