@@ -28,14 +28,6 @@ def _hooks(model: nn.Module) -> list[list[int]]:
     return [list(m._forward_hooks) + list(m._forward_pre_hooks) for m in model.modules()]
 
 
-def _record(model: nn.Module, sites: dict[str, mt.HookSite]) -> tuple[mt.HookRegistry, dict[str, torch.Tensor]]:
-    got: dict[str, torch.Tensor] = {}
-    reg = mt.HookRegistry(model, name="test-record")
-    for key, site in sites.items():
-        reg.at(site, lambda t, key=key: got.__setitem__(key, t.detach().clone()), priority=mt.Priority.RECORD)
-    return reg, got
-
-
 @pytest.mark.parametrize("executor", ["masked", "sparse"])
 @pytest.mark.parametrize("family", DENSE_FAMILIES)
 def test_k_equal_n_is_the_dense_model(family: str, executor: str) -> None:
@@ -68,9 +60,7 @@ def test_exactly_k_blocks_active_and_bias_added_once(family: str) -> None:
     fam = build(family)
     handle = mt.emoe.apply(fam.model, num_experts=N, top_k=K, layers="all", split="random")
     ffn = handle.layers[next(iter(handle.layers))].ffn
-    reg, got = _record(fam.model, {"q": ffn.input_site, "h": ffn.hidden_site, "y": ffn.output_site})
-    fam.run()
-    reg.remove()
+    got = mt.capture(fam.model, {"q": ffn.input_site, "h": ffn.hidden_site, "y": ffn.output_site}, fam.run)
     q = got["q"].reshape(-1, ffn.d_model)
     dense_h = ffn.hidden(q)
     h = got["h"].reshape(-1, ffn.d_ff)

@@ -69,19 +69,7 @@ TRANSPOSED = {"gpt2"}  # HF Conv1D: weight stored [in, out]
 # --- helpers ------------------------------------------------------------------------------------
 def capture(fam: Family, sites: dict[str, mt.HookSite]) -> dict[str, torch.Tensor]:
     """Run the model once and return the tensor seen at each site (hooks must all fire)."""
-    seen: dict[str, torch.Tensor] = {}
-
-    def keep(key: str) -> Callable[[torch.Tensor], None]:
-        def fn(t: torch.Tensor) -> None:
-            seen[key] = t.detach().clone()
-
-        return fn
-
-    with mt.HookRegistry(fam.model) as reg:
-        for key, site in sites.items():
-            reg.at(site, keep(key))
-        fam.run()
-        reg.assert_fired()
+    seen = mt.capture(fam.model, sites, fam.run)
     assert set(seen) == set(sites)
     return seen
 

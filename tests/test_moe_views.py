@@ -40,19 +40,8 @@ def paths(name: str) -> list[str]:
 
 
 def capture(fam: Family, sites: dict[str, mt.HookSite]) -> dict[str, torch.Tensor]:
-    seen: dict[str, torch.Tensor] = {}
-
-    def keep(key: str) -> Callable[[torch.Tensor], None]:
-        def fn(t: torch.Tensor) -> None:
-            seen[key] = t.detach().clone()
-
-        return fn
-
-    with mt.HookRegistry(fam.model) as reg:
-        for key, site in sites.items():
-            reg.at(site, keep(key))
-        fam.run()
-        reg.assert_fired()
+    """Run the model once and return the tensor seen at each site (hooks must all fire)."""
+    seen = mt.capture(fam.model, sites, fam.run)
     assert set(seen) == set(sites)
     return seen
 

@@ -40,7 +40,7 @@ if TYPE_CHECKING:
         UnsupportedOperationError,
     )
     from modulart.core.ffn import FFN, find_ffns
-    from modulart.core.hooks import HookHandle, HookRegistry, HookSite, HookSpec, Priority
+    from modulart.core.hooks import HookHandle, HookRegistry, HookSite, HookSpec, Priority, capture
     from modulart.core.io import Fingerprint, fingerprint, from_pretrained, push_to_hub
     from modulart.core.moe import MoE, find_moes
     from modulart.core.operator import (
@@ -59,6 +59,7 @@ _EXPORTS: dict[str, str] = {
     "HookHandle": "modulart.core.hooks",
     "HookSite": "modulart.core.hooks",
     "HookSpec": "modulart.core.hooks",
+    "capture": "modulart.core.hooks",
     "Priority": "modulart.core.hooks",
     # selection
     "Selector": "modulart.core.select",
@@ -128,6 +129,7 @@ __all__ = [
     "__version__",
     "as_selector",
     "available_operators",
+    "capture",
     "find_ffns",
     "find_moes",
     "fingerprint",

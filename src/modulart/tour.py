@@ -11,7 +11,6 @@ Example:
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -20,7 +19,7 @@ from torch import nn
 
 from modulart.core.errors import ModulartError
 from modulart.core.ffn import FFN, find_ffns
-from modulart.core.hooks import HookRegistry, HookSite, Priority
+from modulart.core.hooks import capture
 from modulart.core.moe import MoE, find_moes
 
 __all__ = ["load_minilm", "run_tour", "tiny_mixtral"]
@@ -93,26 +92,10 @@ def _moe_rows(moes: list[MoE]) -> list[str]:
     return rows
 
 
-def _store(store: dict[str, torch.Tensor], key: str, tensor: torch.Tensor) -> None:
-    store[key] = tensor.detach()
-
-
-def _capture(model: nn.Module, sites: dict[str, HookSite], run: Callable[[], object]) -> dict[str, torch.Tensor]:
-    """Run ``run()`` once and return the tensor seen at each site (recording hooks, asserted to fire)."""
-    got: dict[str, torch.Tensor] = {}
-    with HookRegistry(model, name="tour") as reg:
-        for key, site in sites.items():
-            reg.at(site, functools.partial(_store, got, key), priority=Priority.RECORD)
-        with torch.no_grad():
-            run()
-        reg.assert_fired()
-    return got
-
-
 def _check_ffns(model: nn.Module, ffns: list[FFN], inputs: dict[str, torch.Tensor]) -> float:
     """Recompute every FFN output from its view on a real forward; return the max abs error."""
     sites = {f"{f.path}:q": f.input_site for f in ffns} | {f"{f.path}:y": f.output_site for f in ffns}
-    got = _capture(model, sites, lambda: model(**inputs))
+    got = capture(model, sites, lambda: model(**inputs))
     with torch.no_grad():
         return max(float((f.forward(got[f"{f.path}:q"]) - got[f"{f.path}:y"]).abs().max()) for f in ffns)
 
@@ -120,7 +103,7 @@ def _check_ffns(model: nn.Module, ffns: list[FFN], inputs: dict[str, torch.Tenso
 def _check_moes(model: nn.Module, moes: list[MoE], ids: torch.Tensor) -> tuple[float, list[list[float]]]:
     """Recompute every MoE block from its view; return max abs error and expert load per layer."""
     sites = {f"{m.path}:x": m.input_site for m in moes} | {f"{m.path}:y": m.output_site for m in moes}
-    got = _capture(model, sites, lambda: model(input_ids=ids))
+    got = capture(model, sites, lambda: model(input_ids=ids))
     err, loads = 0.0, []
     with torch.no_grad():
         for m in moes:

@@ -21,7 +21,7 @@ import enum
 import itertools
 import threading
 import weakref
-from typing import TYPE_CHECKING, Any, Literal, TypeAlias, cast
+from typing import TYPE_CHECKING, Any, Literal, TypeAlias, cast, get_args
 
 import torch
 from torch import nn
@@ -44,14 +44,7 @@ HookKind: TypeAlias = Literal[
     "optimizer_step_pre",
     "optimizer_step_post",
 ]
-HOOK_KINDS: tuple[HookKind, ...] = (
-    "forward",
-    "forward_pre",
-    "tensor",
-    "post_accumulate_grad",
-    "optimizer_step_pre",
-    "optimizer_step_post",
-)
+HOOK_KINDS: tuple[HookKind, ...] = get_args(HookKind)
 MODULE_KINDS = ("forward", "forward_pre")
 HookTarget: TypeAlias = "nn.Module | torch.Tensor | torch.optim.Optimizer | str"
 

@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -55,7 +55,7 @@ from modulart.core.dispatch import (
 )
 from modulart.core.errors import HookError, HooksNotFiredError
 
-__all__ = ["HookHandle", "HookKind", "HookRegistry", "HookSite", "HookSpec", "Priority"]
+__all__ = ["HookHandle", "HookKind", "HookRegistry", "HookSite", "HookSpec", "Priority", "capture"]
 
 
 def _positional_name(module: nn.Module, index: int) -> str | None:
@@ -489,3 +489,36 @@ class HookRegistry:
 
     def __repr__(self) -> str:
         return f"HookRegistry({self.name!r}, hooks={len(self)})"
+
+
+def capture(model: nn.Module, sites: Mapping[str, HookSite], run: Callable[[], object]) -> dict[str, torch.Tensor]:
+    """Call ``run()`` once and return a detached copy of the tensor seen at each site.
+
+    Recording hooks (:attr:`Priority.RECORD`, so they see what interventions made of the tensor)
+    are installed for the call only and asserted to have fired. A site that fires several times
+    keeps its last value.
+
+    Example:
+        >>> import torch
+        >>> import modulart as mt
+        >>> model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 4))
+        >>> ffn = mt.find_ffns(model)[0]
+        >>> x = torch.randn(2, 4)
+        >>> got = mt.capture(model, {"q": ffn.input_site, "y": ffn.output_site}, lambda: model(x))
+        >>> torch.allclose(ffn.forward(got["q"]), got["y"])
+        True
+    """
+    got: dict[str, torch.Tensor] = {}
+
+    def keep(key: str) -> Callable[[torch.Tensor], None]:
+        def store(tensor: torch.Tensor) -> None:
+            got[key] = tensor.detach().clone()
+
+        return store
+
+    with HookRegistry(model, name="capture") as reg:
+        for key, site in sites.items():
+            reg.at(site, keep(key), priority=Priority.RECORD)
+        run()
+        reg.assert_fired()
+    return got
