@@ -14,6 +14,7 @@ from torch import nn
 import modulart as mt
 from families import DENSE_FAMILIES, Family, build, minilm
 from modulart.core.arch import FFN_LAYOUTS, MOE_LAYOUTS
+from view_helpers import capture, changed, snapshot
 
 ATOL = 1e-5
 
@@ -67,24 +68,6 @@ TRANSPOSED = {"gpt2"}  # HF Conv1D: weight stored [in, out]
 
 
 # --- helpers ------------------------------------------------------------------------------------
-def capture(fam: Family, sites: dict[str, mt.HookSite]) -> dict[str, torch.Tensor]:
-    """Run the model once and return the tensor seen at each site (hooks must all fire)."""
-    seen = mt.capture(fam.model, sites, fam.run)
-    assert set(seen) == set(sites)
-    return seen
-
-
-def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
-
-
-def changed(before: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
-    """The state_dict entries that differ from ``before`` (new values)."""
-    after = model.state_dict()
-    assert set(after) == set(before)
-    return {k: v.detach().clone() for k, v in after.items() if not torch.equal(v, before[k])}
-
-
 def storage_name(fam: str, ffn: mt.FFN, role: str) -> str:
     rel = {"key": KEY, "value": VALUE, "up": UP}[role][fam]
     return f"{ffn.path}.{rel}.weight"

@@ -11,6 +11,7 @@ from torch import nn
 
 import modulart as mt
 from families import MOE_FAMILIES, Family, build
+from view_helpers import capture, changed, snapshot
 
 ATOL = 1e-5
 
@@ -37,22 +38,6 @@ FUSED = [n for n in MOE_FAMILIES if n not in STORAGE]
 
 def paths(name: str) -> list[str]:
     return PATHS.get(name, ["model.layers.0.mlp", "model.layers.1.mlp"])
-
-
-def capture(fam: Family, sites: dict[str, mt.HookSite]) -> dict[str, torch.Tensor]:
-    """Run the model once and return the tensor seen at each site (hooks must all fire)."""
-    seen = mt.capture(fam.model, sites, fam.run)
-    assert set(seen) == set(sites)
-    return seen
-
-
-def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
-
-
-def changed(before: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
-    after = model.state_dict()
-    return {k: v.detach().clone() for k, v in after.items() if not torch.equal(v, before[k])}
 
 
 def block_io(fam: Family, moe: mt.MoE) -> tuple[torch.Tensor, torch.Tensor]:
