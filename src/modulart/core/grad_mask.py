@@ -1,0 +1,162 @@
+"""Row / column masks on gradients and on optimizer updates — the mechanism MIGU and KV share.
+
+A :class:`GradientMasker` holds, per parameter, a boolean ``keep`` vector over one axis (the output
+units of a linear layer: rows of an ``nn.Linear`` weight, columns of a HF ``Conv1D`` weight, or
+any axis you name) and
+
+- zeroes the gradient slices that are not kept (:meth:`GradientMasker.mask_`), once per optimizer
+  step, right before ``optimizer.step()`` through a step pre-hook, or earlier by an explicit call
+  (loops that clip gradients call ``mask_()`` before clipping; the pre-hook then does nothing);
+- with ``freeze=True`` also guarantees that masked slices do not move in that step even when the
+  optimizer would move them anyway (momentum, Adam moments, decoupled weight decay): their values are
+  saved before the step and written back after it.
+
+Masks are applied in place on ``.grad`` (the same tensor the optimizer reads), so they also reach
+mixed-precision optimizers that copy gradients to fp32 masters inside ``step()``.
+
+Example:
+    >>> import torch
+    >>> from modulart.core.grad_mask import GradientMasker
+    >>> lin = torch.nn.Linear(3, 4)
+    >>> opt = torch.optim.SGD(lin.parameters(), lr=0.1)
+    >>> masker = GradientMasker(lin, opt)
+    >>> masker.set(lin.weight, torch.tensor([True, False, True, False]), axis=0, bias=lin.bias)
+    >>> before = lin.weight.detach().clone()
+    >>> lin(torch.randn(2, 3)).sum().backward(); opt.step()
+    >>> torch.equal(lin.weight[1], before[1]), torch.equal(lin.weight[0], before[0])
+    (True, False)
+    >>> masker.remove()
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from modulart.core.errors import ShapeError
+from modulart.core.hooks import HookRegistry, Priority
+
+__all__ = ["GradientMasker", "SliceMask"]
+
+
+@dataclass
+class SliceMask:
+    """The kept slices of one parameter along ``axis`` (and of its bias, whose only axis matches)."""
+
+    param: torch.Tensor
+    keep: torch.Tensor  # [param.shape[axis]] bool
+    axis: int
+    bias: torch.Tensor | None = None
+
+    def broadcast(self, like: torch.Tensor) -> torch.Tensor:
+        """``keep`` shaped to broadcast against ``like`` (the parameter or its gradient)."""
+        shape = [1] * like.dim()
+        shape[self.axis] = -1
+        return self.keep.to(like.device).view(shape)
+
+    @property
+    def kept_fraction(self) -> float:
+        return float(self.keep.float().mean())
+
+
+class GradientMasker:
+    """Masks gradient (and, with ``freeze``, update) slices of parameters for the next optimizer step.
+
+    Args:
+        model: the model (for parameter names in messages and path lookups).
+        optimizer: masks are applied right before its ``step()``; None to call :meth:`mask_` yourself.
+        freeze: also restore masked slices after ``step()`` so they cannot move at all.
+        registry: the hook registry to install into (default: a new one on ``model``).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer | None = None,
+        *,
+        freeze: bool = False,
+        registry: HookRegistry | None = None,
+    ) -> None:
+        self.model = model
+        self.optimizer = optimizer
+        self.freeze = freeze
+        self.registry = registry if registry is not None else HookRegistry(model, name="grad_mask")
+        self.masks: dict[int, SliceMask] = {}
+        self._masked_this_step = False
+        self._saved: list[tuple[SliceMask, torch.Tensor, torch.Tensor | None]] = []
+        self._names = {id(p): n for n, p in model.named_parameters()}
+        if optimizer is not None:
+            self.registry.optimizer_step_pre(optimizer, self._before_step, priority=Priority.INTERVENE)
+            self.registry.optimizer_step_post(optimizer, self._after_step, priority=Priority.INTERVENE)
+
+    # --- masks --------------------------------------------------------------------------------
+    def set(self, param: torch.Tensor, keep: torch.Tensor, *, axis: int = 0, bias: torch.Tensor | None = None) -> None:
+        """Keep only the ``keep``-selected slices of ``param`` along ``axis`` (and of ``bias``).
+
+        Raises:
+            ShapeError: ``keep`` is not a bool vector matching the axis, or the bias does not fit;
+                nothing is changed.
+        """
+        name = self._names.get(id(param), "<parameter>")
+        if not -param.dim() <= axis < param.dim():
+            raise ShapeError(f"{name}: axis {axis} out of range for shape {tuple(param.shape)}")
+        axis %= param.dim()
+        if keep.dtype != torch.bool or keep.dim() != 1 or keep.numel() != param.shape[axis]:
+            raise ShapeError(
+                f"{name}: keep must be a bool vector of length {param.shape[axis]} (axis {axis} of "
+                f"{tuple(param.shape)}), got {keep.dtype} {tuple(keep.shape)}"
+            )
+        if bias is not None and tuple(bias.shape) != (param.shape[axis],):
+            raise ShapeError(f"{name}: bias of shape {tuple(bias.shape)} does not match axis {axis}")
+        self.masks[id(param)] = SliceMask(param, keep.detach().clone(), axis, bias)
+
+    def clear(self, param: torch.Tensor | None = None) -> None:
+        """Drop the mask of ``param`` (or all masks)."""
+        if param is None:
+            self.masks.clear()
+        else:
+            self.masks.pop(id(param), None)
+
+    def __iter__(self) -> Iterator[SliceMask]:
+        return iter(self.masks.values())
+
+    # --- applying -----------------------------------------------------------------------------
+    @torch.no_grad()
+    def mask_(self) -> None:
+        """Zero the masked gradient slices now (idempotent until the next optimizer step)."""
+        for m in self.masks.values():
+            for t in (m.param, m.bias):
+                if t is not None and t.grad is not None:
+                    t.grad.mul_(m.broadcast(t.grad).to(t.grad.dtype) if t is m.param else m.keep.to(t.grad))
+        self._masked_this_step = True
+
+    def _before_step(self, opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        if not self._masked_this_step:
+            self.mask_()
+        if self.freeze:
+            with torch.no_grad():
+                self._saved = [
+                    (m, m.param.detach().clone(), m.bias.detach().clone() if m.bias is not None else None)
+                    for m in self.masks.values()
+                ]
+
+    def _after_step(self, opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        if self.freeze:
+            with torch.no_grad():
+                for m, weight, bias in self._saved:
+                    frozen = ~m.broadcast(weight)
+                    m.param.copy_(torch.where(frozen, weight, m.param))
+                    if m.bias is not None and bias is not None:
+                        m.bias.copy_(torch.where(~m.keep.to(bias.device), bias, m.bias))
+            self._saved = []
+        self._masked_this_step = False
+
+    def remove(self) -> None:
+        """Uninstall the optimizer hooks and forget the masks."""
+        self.registry.remove()
+        self.masks.clear()
+        self._saved = []
