@@ -353,11 +353,3 @@ def test_kmeans_clusters_of_real_minilm_keys_beat_random_splits() -> None:
             for s in range(5)
         )
         assert km > 3.0 * rnd and km - rnd > 0.045, (f.path, km, rnd)
-
-
-def test_reference_text_is_prose() -> None:
-    from modulart.text import reference_sentences
-
-    sents = reference_sentences(200)
-    assert len(sents) == 200 and len(set(sents)) == 200
-    assert all(8 <= len(s.split()) <= 40 and s.endswith(".") and "::=" not in s for s in sents)

@@ -13,9 +13,11 @@ Example:
 from __future__ import annotations
 
 import re
+import sysconfig
 from functools import lru_cache
+from pathlib import Path
 
-__all__ = ["reference_paragraphs", "reference_sentences"]
+__all__ = ["reference_paragraphs", "reference_sentences", "stdlib_source"]
 
 
 @lru_cache(maxsize=1)
@@ -49,3 +51,23 @@ def reference_sentences(n: int | None = None, *, min_words: int = 8, max_words: 
                 if n is not None and len(out) >= n:
                     return out
     return out
+
+
+def stdlib_source(package: str, max_bytes: int | None = None) -> str:
+    """The source text of a standard-library package or module (``"email"``, ``"json"``, ``"argparse"``).
+
+    Files are read in sorted path order and joined with newlines; ``max_bytes`` truncates.
+
+    Example:
+        >>> from modulart.text import stdlib_source
+        >>> "def " in stdlib_source("json", max_bytes=20_000)
+        True
+    """
+    root = Path(sysconfig.get_paths()["stdlib"])
+    pkg = root / package
+    files = sorted(pkg.rglob("*.py")) if pkg.is_dir() else [root / f"{package}.py"]
+    files = [f for f in files if f.is_file() and "test" not in f.relative_to(root).parts[:2]]
+    if not files:
+        raise FileNotFoundError(f"no standard-library source for {package!r} under {root}")
+    text = "\n".join(f.read_text(encoding="utf-8", errors="replace") for f in files)
+    return text[:max_bytes] if max_bytes is not None else text
