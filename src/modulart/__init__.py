@@ -21,6 +21,7 @@ from modulart._version import __version__
 if TYPE_CHECKING:
     from modulart import core as core
     from modulart import emoe as emoe
+    from modulart import kv as kv
     from modulart.core.arch import (
         FFNLayout,
         MoELayout,
@@ -144,7 +145,7 @@ __all__ = [
 assert set(__all__) == {"__version__", *_EXPORTS}
 
 
-_SUBPACKAGES = ("core", "emoe")
+_SUBPACKAGES = ("core", "emoe", "kv")
 
 
 def __getattr__(name: str) -> Any:
