@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from modulart import core as core
     from modulart import emoe as emoe
     from modulart import kv as kv
+    from modulart import migu as migu
     from modulart.core.arch import (
         FFNLayout,
         MoELayout,
@@ -145,7 +146,7 @@ __all__ = [
 assert set(__all__) == {"__version__", *_EXPORTS}
 
 
-_SUBPACKAGES = ("core", "emoe", "kv")
+_SUBPACKAGES = ("core", "emoe", "kv", "migu")
 
 
 def __getattr__(name: str) -> Any:

@@ -87,7 +87,7 @@ class GradientMasker:
         self.registry = registry if registry is not None else HookRegistry(model, name="grad_mask")
         self.masks: dict[int, SliceMask] = {}
         self._masked_this_step = False
-        self._saved: list[tuple[SliceMask, torch.Tensor, torch.Tensor | None]] = []
+        self._saved: list[tuple[SliceMask, torch.Tensor, torch.Tensor, torch.Tensor | None]] = []
         self._names = {id(p): n for n, p in model.named_parameters()}
         if optimizer is not None:
             self.registry.optimizer_step_pre(optimizer, self._before_step, priority=Priority.INTERVENE)
@@ -137,21 +137,22 @@ class GradientMasker:
     def _before_step(self, opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         if not self._masked_this_step:
             self.mask_()
-        if self.freeze:
+        if self.freeze:  # save only the masked slices: they are all we must put back
             with torch.no_grad():
-                self._saved = [
-                    (m, m.param.detach().clone(), m.bias.detach().clone() if m.bias is not None else None)
-                    for m in self.masks.values()
-                ]
+                self._saved = []
+                for m in self.masks.values():
+                    idx = torch.nonzero(~m.keep.to(m.param.device)).flatten()
+                    if idx.numel():
+                        bias = m.bias.detach().index_select(0, idx) if m.bias is not None else None
+                        self._saved.append((m, idx, m.param.detach().index_select(m.axis, idx), bias))
 
     def _after_step(self, opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         if self.freeze:
             with torch.no_grad():
-                for m, weight, bias in self._saved:
-                    frozen = ~m.broadcast(weight)
-                    m.param.copy_(torch.where(frozen, weight, m.param))
+                for m, idx, weight, bias in self._saved:
+                    m.param.index_copy_(m.axis, idx, weight)
                     if m.bias is not None and bias is not None:
-                        m.bias.copy_(torch.where(~m.keep.to(bias.device), bias, m.bias))
+                        m.bias.index_copy_(0, idx, bias)
             self._saved = []
         self._masked_this_step = False
 

@@ -1,0 +1,34 @@
+"""modulart.migu: magnitude-gated gradient updates for continual learning (arXiv 2406.17245).
+
+Each optimizer step, every gated linear layer updates only the output units whose activations had
+the largest magnitude over the step's micro-batches; the other units' gradients are zeroed (and,
+with ``freeze_masked_rows``, their values restored after the step, so Adam moments and weight decay
+cannot move them either).
+
+Example:
+    >>> import torch, modulart.migu
+    >>> model = torch.nn.Sequential(torch.nn.Linear(4, 10), torch.nn.ReLU(), torch.nn.Linear(10, 2))
+    >>> opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    >>> migu = modulart.migu.apply(model, keep_ratio=0.3, optimizer=opt)
+    >>> model(torch.randn(8, 4)).sum().backward(); opt.step(); opt.zero_grad()
+    >>> migu.stats()["0"].kept_fraction >= 0.3
+    True
+    >>> migu.remove()
+"""
+
+from modulart.migu.config import MIGUConfig
+from modulart.migu.operator import MIGU, MIGUHandle, Target, apply, find_targets
+from modulart.migu.stats import LayerStats, jaccard, keep_count, select_mask
+
+__all__ = [
+    "MIGU",
+    "LayerStats",
+    "MIGUConfig",
+    "MIGUHandle",
+    "Target",
+    "apply",
+    "find_targets",
+    "jaccard",
+    "keep_count",
+    "select_mask",
+]

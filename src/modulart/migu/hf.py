@@ -1,0 +1,73 @@
+"""Hugging Face ``Trainer`` integration of MIGU (imports transformers; ``modulart.migu`` does not).
+
+Example:
+    >>> from modulart.migu.hf import MIGUCallback
+    >>> cb = MIGUCallback(keep_ratio=0.3)
+    >>> cb.config.keep_ratio, cb.handle is None
+    (0.3, True)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from torch import nn
+from transformers import TrainerCallback
+
+from modulart.migu.config import MIGUConfig
+from modulart.migu.operator import MIGU, MIGUHandle, apply
+
+__all__ = ["MIGUCallback"]
+
+
+class MIGUCallback(TrainerCallback):  # type: ignore[misc]
+    """Applies MIGU for the duration of ``Trainer.train()``.
+
+    - ``on_train_begin``: applies MIGU to the trainer's model with the trainer's optimizer;
+    - ``on_pre_optimizer_step``: :meth:`MIGUHandle.mask_` (in transformers 5 this event comes
+      *after* gradient clipping, so the clip norm is computed on the unmasked gradients);
+    - ``on_train_end``: removes MIGU again (the handle stays readable for ``stats()``).
+
+    Args:
+        config: a :class:`MIGUConfig` (or dict); keyword overrides win.
+        use_attention_mask: read ``attention_mask`` from the model's forward kwargs as the token mask,
+            so padding does not vote.
+    """
+
+    def __init__(
+        self,
+        config: MIGUConfig | Mapping[str, Any] | None = None,
+        /,
+        *,
+        use_attention_mask: bool = False,
+        **overrides: Any,
+    ) -> None:
+        cfg = MIGU.make_config(config, overrides)
+        assert isinstance(cfg, MIGUConfig)
+        self.config = cfg
+        self.use_attention_mask = use_attention_mask
+        self.handle: MIGUHandle | None = None
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        model, optimizer = kwargs.get("model"), kwargs.get("optimizer")
+        if not isinstance(model, nn.Module) or optimizer is None:
+            raise RuntimeError("MIGUCallback: the Trainer passed no model/optimizer to on_train_begin")
+        if self.handle is not None and not self.handle.removed:
+            self.handle.remove()
+        handle = apply(model, self.config, optimizer=optimizer)
+        if self.use_attention_mask:
+
+            def grab(module: nn.Module, a: Any, kw: dict[str, Any]) -> None:
+                handle.set_token_mask(kw.get("attention_mask"))
+
+            handle.registry.forward_pre(model, grab, with_kwargs=True, name="migu/attention_mask")
+        self.handle = handle
+
+    def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self.handle is not None and not self.handle.removed:
+            self.handle.mask_()
+
+    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self.handle is not None:
+            self.handle.remove()
