@@ -65,3 +65,6 @@ def test_tour_runs_on_the_real_model() -> None:
     assert "encoder.layer.5" in out.stdout and "model.layers.1.mlp" in out.stdout
     errors = [float(x) for x in re.findall(r"max \|error\| = ([0-9.e+-]+)", out.stdout)]
     assert len(errors) == 2 and max(errors) < 1e-4
+    assert "masked rows did not move" in out.stdout  # MIGU step
+    changed = re.search(r"changed tensors are: \[(.*)\]", out.stdout)  # KV step: only keys moved
+    assert changed and all("intermediate.dense.weight" in t for t in changed.group(1).split(", "))

@@ -115,6 +115,31 @@ def _check_moes(model: nn.Module, moes: list[MoE], ids: torch.Tensor) -> tuple[f
     return err, loads
 
 
+def contrastive_loss(model: nn.Module, tokenizer: Any, n: int = 16) -> Callable[[], torch.Tensor]:
+    """A small sentence-embedding objective for the training steps of the tour.
+
+    InfoNCE (temperature 0.05) between mean-pooled embeddings of ``n`` reference sentences and of the
+    same sentences without their last word: each sentence should be closest to its own shortened view.
+    """
+    from modulart.text import reference_sentences
+
+    sents = reference_sentences(n)
+    views = [s.rsplit(" ", 1)[0] for s in sents]
+    a = dict(tokenizer(sents, return_tensors="pt", padding=True))
+    b = dict(tokenizer(views, return_tensors="pt", padding=True))
+
+    def pooled(inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        hidden = model(**inputs).last_hidden_state
+        mask = inputs["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+        return torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1)
+
+    def loss() -> torch.Tensor:
+        sim = pooled(a) @ pooled(b).t() / 0.05
+        return torch.nn.functional.cross_entropy(sim, torch.arange(len(sents)))
+
+    return loss
+
+
 def run_tour(echo: Callable[[str], None] = print) -> dict[str, Any]:
     """Run the tour, printing through ``echo``; returns the measured numbers."""
     from modulart import __version__
@@ -144,9 +169,23 @@ def run_tour(echo: Callable[[str], None] = print) -> dict[str, Any]:
     from modulart.emoe.demo import emoe_tour_step
 
     emoe_numbers = emoe_tour_step(bert, tok, echo)
-    echo("\nNext: modulart.migu, .kv, .patcher, .stacking, .introspect build on the same views.")
+    loss_fn = contrastive_loss(bert, tok)
+    state = {k: v.detach().clone() for k, v in bert.state_dict().items()}
+    echo("\n4. Magnitude-gated updates (modulart.migu) on the real MiniLM")
+    from modulart.migu.demo import migu_tour_step
+
+    migu_numbers = migu_tour_step(bert, loss_fn, echo)
+    bert.load_state_dict(state)
+    echo("\n5. FFN key/value tuning (modulart.kv) on the real MiniLM")
+    from modulart.kv.demo import kv_tour_step
+
+    kv_numbers = kv_tour_step(bert, loss_fn, echo)
+    bert.load_state_dict(state)
+    echo("\nNext: modulart.patcher, .stacking, .introspect build on the same views.")
     return {
         "emoe": emoe_numbers,
+        "migu": migu_numbers,
+        "kv": kv_numbers,
         "minilm_ffns": len(ffns),
         "minilm_max_error": bert_err,
         "mixtral_moes": len(moes),
