@@ -394,3 +394,26 @@ def test_select_layers_property_fraction_pairs_and_slices(ds: tuple[int, object]
     _check_indices(idx, depth)
     if isinstance(spec, slice):
         assert idx == sorted(range(depth)[spec])
+
+
+def test_select_views_by_spec_or_paths() -> None:
+    from modulart.core.select import select_views
+
+    class V:
+        def __init__(self, path: str) -> None:
+            self.path, self.module = path, nn.Identity()
+
+    views = [V(f"layers.{i}.mlp") for i in range(6)]
+    assert [v.path for v in select_views(views, "last_half", field="F")] == [
+        "layers.3.mlp",
+        "layers.4.mlp",
+        "layers.5.mlp",
+    ]
+    assert [v.path for v in select_views(views, ["layers.5.mlp", "layers.0.mlp"], field="F")] == [
+        "layers.5.mlp",
+        "layers.0.mlp",
+    ]
+    with pytest.raises(mt.SelectorError, match=r"Cfg.layers: no FFN at \['layers.9.mlp'\]"):
+        select_views(views, ["layers.9.mlp"], field="Cfg.layers", what="FFN")
+    with pytest.raises(mt.SelectorError, match="depth 6"):
+        select_views(views, [8], field="F")

@@ -34,7 +34,7 @@ from torch import nn
 
 from modulart.core.errors import SelectorError
 
-__all__ = ["LayerSpec", "Selector", "as_selector", "filter_by_selector", "select_layers"]
+__all__ = ["LayerSpec", "Selector", "as_selector", "filter_by_selector", "select_layers", "select_views"]
 
 Predicate: TypeAlias = Callable[[str, nn.Module], bool]
 
@@ -260,6 +260,30 @@ def filter_by_selector(items: list[T], selector: Any, model: nn.Module, *, stric
         paths = [v.path for v in items]
         raise SelectorError(f"selector {sel.description} keeps none of the {len(items)} {what} found: {paths[:10]}")
     return kept
+
+
+def select_views(
+    views: list[T], spec: Any, *, field: str, what: str = "view", every: int = 1, start: int | None = None
+) -> list[T]:
+    """Pick views (FFNs, MoE blocks...) by a layer specification over their depth order, or by paths.
+
+    Args:
+        views: in depth order; ``spec`` indices index this list.
+        spec: anything :func:`select_layers` accepts, or a list of view paths.
+        field: the config field being resolved (named in errors, e.g. ``"EMoEConfig.layers"``).
+        what: what the views are, for errors (``"FFN"``).
+        every, start: as for :func:`select_layers`.
+
+    Raises:
+        SelectorError: a path that is no view's, or an out-of-range index (naming the depth).
+    """
+    if isinstance(spec, (list, tuple)) and spec and all(isinstance(p, str) for p in spec):
+        by_path = {v.path: v for v in views}
+        missing = [p for p in spec if p not in by_path]
+        if missing:
+            raise SelectorError(f"{field}: no {what} at {missing}; found: {list(by_path)[:12]}")
+        return [by_path[p] for p in spec]
+    return [views[i] for i in select_layers(spec, len(views), every=every, start=start)]
 
 
 def as_selector(spec: Selector | str | Sequence[str] | type[nn.Module] | Predicate) -> Selector:

@@ -19,10 +19,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from modulart.core.errors import ConfigError, IncompatibleArtifactError, SelectorError
+from modulart.core.errors import ConfigError, IncompatibleArtifactError
 from modulart.core.ffn import FFN, find_ffns
 from modulart.core.operator import Handle, Operator, OperatorConfig, Plan
-from modulart.core.select import select_layers
+from modulart.core.select import select_views
 from modulart.emoe.cluster import balanced_kmeans, random_balanced_labels
 from modulart.emoe.config import EMoEConfig, default_layers
 from modulart.emoe.layer import ConvertedFFN, RoutingStats
@@ -32,20 +32,8 @@ __all__ = ["EMoE", "EMoEHandle", "apply"]
 
 def _chosen_ffns(model: nn.Module, config: EMoEConfig) -> list[FFN]:
     ffns = find_ffns(model)
-    spec = config.layers
-    if isinstance(spec, (list, tuple)) and spec and all(isinstance(p, str) for p in spec):
-        by_path = {f.path: f for f in ffns}
-        missing = [p for p in spec if p not in by_path]
-        if missing:
-            raise SelectorError(f"EMoEConfig.layers: no FFN at {missing}; FFNs found: {list(by_path)[:12]}")
-        return [by_path[p] for p in spec]
-    if spec == "default":
-        idx = default_layers(len(ffns))
-        if config.every > 1 or config.start is not None:
-            idx = select_layers(idx, len(ffns), every=config.every, start=config.start)
-    else:
-        idx = select_layers(spec, len(ffns), every=config.every, start=config.start)
-    return [ffns[i] for i in idx]
+    spec = default_layers(len(ffns)) if config.layers == "default" else config.layers
+    return select_views(ffns, spec, field="EMoEConfig.layers", what="FFN", every=config.every, start=config.start)
 
 
 def _check_fits(ffns: list[FFN], config: EMoEConfig) -> None:

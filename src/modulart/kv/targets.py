@@ -32,11 +32,11 @@ from typing import Literal
 import torch
 from torch import nn
 
-from modulart.core.errors import ConfigError, SelectorError
+from modulart.core.errors import ConfigError
 from modulart.core.ffn import FFN, find_ffns
 from modulart.core.linear import LinearRef
 from modulart.core.moe import MoE, find_moes
-from modulart.core.select import select_layers
+from modulart.core.select import select_views
 from modulart.kv.config import KVConfig
 
 __all__ = ["Expand", "Part", "choose_blocks", "find_blocks", "neuron_keep", "resolve_parts"]
@@ -114,15 +114,7 @@ def find_blocks(model: nn.Module) -> list[Block]:
 
 def choose_blocks(model: nn.Module, config: KVConfig) -> list[Block]:
     """The blocks ``config.layers`` selects (a ``select_layers`` spec or a list of block paths)."""
-    blocks = find_blocks(model)
-    spec = config.layers
-    if isinstance(spec, (list, tuple)) and spec and all(isinstance(p, str) for p in spec):
-        by_path = {b.path: b for b in blocks}
-        missing = [p for p in spec if p not in by_path]
-        if missing:
-            raise SelectorError(f"KVConfig.layers: no FFN/MoE block at {missing}; blocks found: {list(by_path)[:12]}")
-        return [by_path[p] for p in spec]
-    return [blocks[i] for i in select_layers(spec, len(blocks))]
+    return select_views(find_blocks(model), config.layers, field="KVConfig.layers", what="FFN/MoE block")
 
 
 def _join(*parts: str) -> str:
