@@ -329,14 +329,12 @@ def test_sparse_weight_cache_follows_in_place_updates() -> None:
     layer = next(iter(handle.layers.values()))
     with torch.no_grad():
         layer.ffn.values.mul_(0.5)  # in place: same storage, new version
-    after = _out(fam)
+    after = _out(fam)  # a stale cache would still use the old values
     handle.remove()
-    want = _out(fam)  # dense with halved values is not what we compare; re-run masked instead
-    masked = mt.emoe.apply(fam.model, num_experts=N, top_k=K, layers="all")
+    masked = mt.emoe.apply(fam.model, num_experts=N, top_k=K, layers="all")  # recomputes from live weights
     torch.testing.assert_close(after, _out(fam), atol=1e-5, rtol=1e-4)
     assert not torch.allclose(before, after)
     masked.remove()
-    assert want.shape == after.shape
 
 
 def test_kmeans_clusters_of_real_minilm_keys_beat_random_splits() -> None:
