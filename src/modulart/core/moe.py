@@ -107,9 +107,11 @@ class Expert:
         down: torch.Tensor,
         glu: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
         biases: tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None] = (None, None, None),
+        activation: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> None:
         self.index, self.gate, self.up, self.down, self.glu = index, gate, up, down, glu
         self.gate_bias, self.up_bias, self.down_bias = biases
+        self._activation = activation
 
     @property
     def d_expert(self) -> int:
@@ -122,6 +124,12 @@ class Expert:
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x [..., d_model] -> [..., d_model]`` (before the routing weight)."""
         return F.linear(self.hidden(x), self.down, self.down_bias)
+
+    def act(self, x: torch.Tensor) -> torch.Tensor:
+        """``x [..., d_model] -> σ(gate·x + b) [..., I]``: the gate branch alone, before the up product."""
+        if self._activation is None:
+            raise UnsupportedModuleError(f"expert {self.index}: no gate activation known for this storage")
+        return self._activation(F.linear(x, self.gate, self.gate_bias))
 
     def set(self, **tensors: torch.Tensor) -> None:
         """Copy canonical tensors in place: ``expert.set(gate=..., up=..., down=...)``."""
@@ -263,18 +271,24 @@ class MoE:
             if up is None:
                 raise UnsupportedModuleError(f"{f.path!r}: routed experts must be gated FFNs")
             act = f.activation
-            return Expert(e, f.keys, up, f.values, lambda g, u: act(g) * u, (f.key_bias, f.up_bias, f.value_bias))
+            return Expert(e, f.keys, up, f.values, lambda g, u: act(g) * u, (f.key_bias, f.up_bias, f.value_bias), act)
         ex = self.experts_module
         glu_fn = GLU_VARIANTS[self.layout.glu]
         block = self.module
+        neutral_up = _GLU_NEUTRAL_UP.get(self.layout.glu)
 
         def glu(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
             return glu_fn(block, ex, g, u)
 
+        def gate_act(g: torch.Tensor) -> torch.Tensor:
+            assert neutral_up is not None
+            return glu_fn(block, ex, g, torch.full_like(g, neutral_up))
+
+        activation = gate_act if neutral_up is not None else None
         if storage == "fused":
             gu, down = ex.gate_up_proj[e], ex.down_proj[e]
             inter = gu.shape[0] // 2
-            return Expert(e, gu[:inter], gu[inter:], down, glu)
+            return Expert(e, gu[:inter], gu[inter:], down, glu, activation=activation)
         gu, down = ex.gate_up_proj[e], ex.down_proj[e]  # [d, 2I] interleaved, [I, d]
         b = getattr(ex, "gate_up_proj_bias", None)
         db = getattr(ex, "down_proj_bias", None)
@@ -286,6 +300,7 @@ class MoE:
             down.t(),
             glu,
             (*biases, db[e] if isinstance(db, torch.Tensor) else None),
+            activation,
         )
 
     def experts(self) -> list[Expert]:
@@ -358,6 +373,10 @@ class MoE:
 
 def _join(a: str, b: str) -> str:
     return ".".join(p for p in (a, b) if p)
+
+
+# For each fused gated activation, the up value u0 with glu(g, u0) == σ(g) (the gate branch alone).
+_GLU_NEUTRAL_UP: dict[str, float] = {"act_mul": 1.0, "gpt_oss": 0.0}
 
 
 def _shared_layout(model: nn.Module, path: str) -> FFNLayout:

@@ -1,0 +1,97 @@
+"""``modulart inspect PATH``: the introspection report of a checkpoint directory, printed and plotted.
+
+The weights are streamed one layer at a time (static analyses S1–S5); the per-layer table is
+printed, and the report (``arrays.safetensors`` + ``report.json``) and the figures are written to
+``--out``. Everything is validated (keys, shapes, layer specification) before anything is written.
+
+Example:
+    $ modulart inspect ./mixtral-ckpt --out ./mixtral-introspect --dense ./mistral-ckpt
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+from pathlib import Path
+
+__all__ = ["add_inspect_parser", "run_inspect"]
+
+
+def add_inspect_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add the ``inspect`` sub-command to a sub-parser set.
+
+    Example:
+        >>> p = argparse.ArgumentParser(prog="modulart")
+        >>> add_inspect_parser(p.add_subparsers(dest="command"))
+        >>> a = p.parse_args(["inspect", "ckpt", "--layers", "0-3"])
+        >>> a.command, a.path, a.layers, a.budget_mb
+        ('inspect', 'ckpt', '0-3', 128)
+    """
+    p = sub.add_parser(
+        "inspect",
+        help="MoE introspection of a safetensors checkpoint: per-layer table, report and figures",
+        description="Stream a MoE checkpoint one layer at a time; print the headline numbers per layer "
+        "(expert similarity, router vs experts, depth trends) and write the report and PNG figures.",
+    )
+    p.add_argument("path", help="checkpoint directory (*.safetensors, sharded with an index or not)")
+    p.add_argument("--out", default=None, help="output folder (default: ./<checkpoint name>-introspect)")
+    p.add_argument("--dense", default=None, help="dense reference checkpoint directory (adds the F column)")
+    p.add_argument("--layers", default=None, help="MoE layers to analyse, e.g. '0-3,-1' or 'last_half'")
+    p.add_argument("--budget-mb", type=float, default=128, help="fp32 MB per chunk (two in flight; default 128)")
+    p.add_argument("--reorder-neurons", type=int, default=256, help="S3 sampled neurons per layer (0: skip)")
+    p.add_argument("--no-plots", action="store_true", help="write the report only, no figures")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _layers(spec: str | None) -> object:
+    if spec is None:
+        return None
+    try:
+        return int(spec)
+    except ValueError:
+        return spec
+
+
+def run_inspect(args: argparse.Namespace, echo: Callable[[str], None]) -> int:
+    """Run ``modulart inspect`` with parsed ``args``; print through ``echo``; returns the exit status.
+
+    Example:
+        >>> import tempfile, torch
+        >>> from safetensors.torch import save_file
+        >>> d = tempfile.mkdtemp()
+        >>> t = {"model.layers.0.mlp.gate.weight": torch.randn(2, 4)}
+        >>> for e in range(2):
+        ...     for n, s in (("gate_proj", (6, 4)), ("up_proj", (6, 4)), ("down_proj", (4, 6))):
+        ...         t[f"model.layers.0.mlp.experts.{e}.{n}.weight"] = torch.randn(*s)
+        >>> save_file(t, f"{d}/model.safetensors")
+        >>> p = argparse.ArgumentParser(prog="modulart")
+        >>> add_inspect_parser(p.add_subparsers(dest="command"))
+        >>> lines = []
+        >>> run_inspect(p.parse_args(["inspect", d, "--out", f"{d}/out", "--no-plots"]), lines.append)
+        0
+        >>> lines[0].endswith("1 MoE layers, members ['e0', 'e1']")
+        True
+    """
+    from modulart.introspect.report import report
+
+    path = Path(args.path)
+    if not path.is_dir():
+        echo(f"modulart inspect: error: {path} is not a checkpoint directory")
+        return 2
+    out = Path(args.out) if args.out else Path.cwd() / f"{path.resolve().name}-introspect"
+    rep = report(
+        path,
+        dense=args.dense,
+        layers=_layers(args.layers),
+        budget_mb=args.budget_mb,
+        progress=False if args.no_progress else None,
+        reorder_neurons=args.reorder_neurons or None,
+    )
+    echo(f"{path}: {len(rep.layers)} MoE layers, members {rep.members}")
+    echo(rep.table())
+    rep.save(out)
+    echo(f"report: {out / 'report.json'} + {out / 'arrays.safetensors'}")
+    if not args.no_plots:
+        for f in rep.plot(out):
+            echo(f"figure: {f}")
+    return 0

@@ -1,0 +1,396 @@
+"""Weight analyses of one layer: the streaming pass (S1, S2, S5-experts) and the per-pair ones (S3, S5-neurons).
+
+The streaming pass reads each matrix type of a layer chunk by chunk (all members' chunk ``c``
+together) and keeps only small accumulators:
+
+- S1: the Gram matrix ``G[i, j] = <W_i, W_j>`` of the flattened matrices (members of one shape);
+  cosine ``G[i, j] / sqrt(G[i, i] G[j, j])``;
+- S2: each member's neuron sum (rows of act/up, columns of down) -> the mean neuron ``[d_model]``;
+- S5: the Gram matrix of the experts' flattened matrices z-scored per coordinate across experts,
+  whose eigenvectors give the expert PCA (exactly PCA of the ``[E, I*d]`` data matrix).
+
+Example:
+    >>> import torch
+    >>> from modulart.emoe.routing import ExpertGroups
+    >>> from modulart.introspect.live import ModelSource
+    >>> model = torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.GELU(), torch.nn.Linear(32, 8))
+    >>> reader = ModelSource(model, experts={"": ExpertGroups(torch.arange(32) % 4, 4)}).layer(0)
+    >>> stats = scan_layer(reader, ["act"])
+    >>> tuple(stats.cosine("act").shape), bool(torch.allclose(stats.cosine("act").diagonal(), torch.ones(4)))
+    ((4, 4), True)
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections import defaultdict
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from modulart.core.errors import ModulartError, ShapeError
+from modulart.introspect.sources import (
+    NEURON_AXIS,
+    LayerReader,
+    TensorReader,
+    check_matrix,
+    chunk_count,
+    common_axis,
+)
+
+__all__ = [
+    "LayerStats",
+    "ReorderResult",
+    "kendall_tau",
+    "neuron_pca",
+    "pca_from_gram",
+    "pearson",
+    "reorder_similarity",
+    "scan_layer",
+]
+
+
+@dataclass
+class LayerStats:
+    """Accumulated weight statistics of one layer (fp32).
+
+    Attributes:
+        index: block index; members / kinds: as in :class:`LayerReader`.
+        router: ``[E, d_model]`` or None.
+        gram: per matrix ``[M, M]`` Gram of flattened matrices (NaN between different shapes).
+        zgram: per matrix ``[E, E]`` Gram of the z-scored flattened routed experts.
+        neuron_mean: per matrix ``[M, d_model]`` mean neuron vector (NaN where a member lacks it).
+    """
+
+    index: int
+    members: list[str]
+    kinds: list[str]
+    router: torch.Tensor | None
+    gram: dict[str, torch.Tensor] = field(default_factory=dict)
+    zgram: dict[str, torch.Tensor] = field(default_factory=dict)
+    neuron_mean: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def cosine(self, matrix: str) -> torch.Tensor:
+        """S1: ``[M, M]`` cosine between flattened ``matrix`` of every pair of members."""
+        g = self.gram[check_matrix(matrix)]
+        n = g.diagonal().clamp(min=1e-30).sqrt()
+        return g / (n[:, None] * n[None, :])
+
+    def neuron_cosine(self, matrix: str) -> torch.Tensor:
+        """S2: ``[M, M]`` cosine between members' mean neurons."""
+        v = self.neuron_mean[check_matrix(matrix)]
+        return F.normalize(v, dim=1) @ F.normalize(v, dim=1).t()
+
+
+def scan_layer(
+    reader: LayerReader, matrices: Sequence[str], budget_bytes: int = 128 << 20, pca: Sequence[str] = ()
+) -> LayerStats:
+    """One streaming pass over ``matrices`` of a layer: S1 Grams, S2 neuron means, S5 z-scored Grams.
+
+    Args:
+        reader: the layer.
+        matrices: any of ``act``, ``up``, ``down``.
+        budget_bytes: bytes (fp32) of one chunk of all same-shape members; two chunks are in flight
+            (the next one is read while the current one is reduced).
+        pca: the matrices (among ``matrices``) whose z-scored Gram (S5) is accumulated too (the costliest part).
+
+    Returns:
+        The :class:`LayerStats` (router read too).
+    """
+    members, kinds = reader.members, reader.kinds
+    n_m = len(members)
+    stats = LayerStats(reader.index, members, kinds, reader.router())
+    for matrix in matrices:
+        check_matrix(matrix)
+        have = [m for m in range(n_m) if reader.has(m, matrix)]
+        if not have:
+            raise ShapeError(f"layer {reader.index} ({reader.label}): no member has a {matrix!r} matrix")
+        na = NEURON_AXIS[matrix]
+        d_model = reader.shape(have[0], matrix)[1 - na]
+        gram = torch.full((n_m, n_m), float("nan"))
+        sums = torch.full((n_m, d_model), float("nan"))
+        experts = [m for m in have if kinds[m] == "expert"]
+        zgram = torch.zeros(len(experts), len(experts), dtype=torch.float64)
+        groups: dict[tuple[int, int], list[int]] = defaultdict(list)
+        for m in have:
+            groups[reader.shape(m, matrix)].append(m)
+        for shape, group in groups.items():
+            readers = [reader.tensor(m, matrix) for m in group]
+            axis = common_axis(readers)
+            n = 1 if axis is None else chunk_count([shape] * len(group), [shape[axis]], budget_bytes)
+            g = torch.zeros(len(group), len(group), dtype=torch.float64)
+            acc = torch.zeros(len(group), d_model, dtype=torch.float64)
+            zrows = [i for i, m in enumerate(group) if kinds[m] == "expert"] if matrix in pca else []
+            pos = torch.tensor([experts.index(group[i]) for i in zrows])
+            chunk_axis = 0 if axis is None else axis
+            with ThreadPoolExecutor(1) as pool:  # read chunk c + 1 while chunk c is reduced
+                pending = pool.submit(_read_chunk, readers, c=0, n=n, axis=chunk_axis)
+                for c in range(n):
+                    flat, spans = pending.result()  # flat [g, chunk] fp32
+                    if c + 1 < n:
+                        pending = pool.submit(_read_chunk, readers, c=c + 1, n=n, axis=chunk_axis)
+                    for i, (b_axis, start, stop, b_shape) in enumerate(spans):
+                        blk = flat[i].view(b_shape)
+                        part = (torch.mv(blk.t(), blk.new_ones(blk.shape[0])) if na == 0 else blk.sum(1)).double()
+                        if b_axis == na:
+                            acc[i] += part
+                        else:
+                            acc[i, start:stop] += part
+                    g += _gram(flat)
+                    if len(zrows) > 1:
+                        zgram[pos[:, None], pos[None, :]] += _zscored_gram(flat, zrows)
+                    del flat
+            idx = torch.tensor(group)
+            gram[idx[:, None], idx[None, :]] = g.float()
+            sums[idx] = (acc / float(shape[na])).float()
+        stats.gram[matrix], stats.neuron_mean[matrix] = gram, sums
+        if matrix in pca:
+            stats.zgram[matrix] = zgram.float()
+    return stats
+
+
+def _read_chunk(
+    readers: list[TensorReader], *, c: int, n: int, axis: int
+) -> tuple[torch.Tensor, list[tuple[int, int, int, tuple[int, ...]]]]:
+    """Chunk ``c`` of every reader into one fp32 ``[g, chunk]`` buffer, one block in flight at a time;
+    with each block's ``(axis, start, stop, shape)``."""
+    flat: torch.Tensor | None = None
+    spans = []
+    for i, r in enumerate(readers):
+        b = r.chunk(c, n, axis)
+        if flat is None:
+            flat = torch.empty(len(readers), b.tensor.numel())
+        flat[i].copy_(b.tensor.reshape(-1))  # fp32 from the stored dtype, one pass
+        spans.append((b.axis, b.start, b.stop, tuple(b.tensor.shape)))
+        del b
+    assert flat is not None
+    return flat, spans
+
+
+def _gram(x: torch.Tensor, step: int = 1 << 18) -> torch.Tensor:
+    """``x [n, p] -> x xᵀ [n, n]`` in fp64: fp32 products over ``step`` columns, summed in fp64
+    (one fp32 dot product over millions of coordinates loses about four digits)."""
+    out = torch.zeros(x.shape[0], x.shape[0], dtype=torch.float64)
+    for s in range(0, x.shape[1], step):
+        part = x[:, s : s + step]
+        out += (part @ part.t()).double()
+    return out
+
+
+def _zscored_gram(x: torch.Tensor, rows: list[int], step: int = 1 << 20) -> torch.Tensor:
+    """``x [n, p] -> [k, k]``: Gram of ``x[rows]`` z-scored per column across those rows (fp64).
+
+    Row-wise arithmetic on contiguous slices (a reduction over the short row axis of a wide matrix is
+    slow), ``step`` columns at a time, so the fp64 temporaries stay small.
+    """
+    k = len(rows)
+    out = torch.zeros(k, k, dtype=torch.float64)
+    for s in range(0, x.shape[1], step):
+        part = [x[i, s : s + step].double() for i in rows]
+        mean = sum(part[1:], part[0].clone()) / k
+        centred = [r - mean for r in part]
+        var = sum((c * c for c in centred[1:]), centred[0] * centred[0]) / k
+        inv = var.clamp(min=1e-24).rsqrt()
+        z = torch.stack([c * inv for c in centred])
+        out += z @ z.t()
+    return out
+
+
+def pearson(x: torch.Tensor, y: torch.Tensor) -> float:
+    """Pearson correlation of two 1-D tensors (NaN when either is constant).
+
+    Example:
+        >>> round(pearson(torch.tensor([1.0, 2.0, 3.0]), torch.tensor([2.0, 4.0, 7.0])), 4)
+        0.9934
+    """
+    x, y = x.double() - x.double().mean(), y.double() - y.double().mean()
+    den = float(x.norm() * y.norm())
+    return float((x * y).sum()) / den if den > 0 else float("nan")
+
+
+def kendall_tau(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Kendall's τ-a between two 1-D sequences (O(n²) memory in chunks).
+
+    Example:
+        >>> kendall_tau(torch.arange(5), torch.arange(5)), kendall_tau(torch.arange(5), torch.arange(5).flip(0))
+        (1.0, -1.0)
+    """
+    n = int(a.numel())
+    if n < 2:
+        return float("nan")
+    a, b = a.double(), b.double()
+    total = 0.0
+    for s in range(0, n, 1024):
+        da = torch.sign(a[s : s + 1024, None] - a[None, :])
+        db = torch.sign(b[s : s + 1024, None] - b[None, :])
+        total += float((da * db).sum())
+    return total / (n * (n - 1))
+
+
+def pca_from_gram(gram: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """PCA coordinates from the Gram matrix of centred data: ``[n, n] -> ([n, k], explained [k])``.
+
+    Example:
+        >>> x = torch.tensor([[1.0, 0.0], [-1.0, 0.0]])
+        >>> coords, ratio = pca_from_gram(x @ x.t(), 1)
+        >>> coords.abs().flatten().tolist(), ratio.tolist()
+        ([1.0, 1.0], [1.0])
+    """
+    vals, vecs = torch.linalg.eigh(gram.double())
+    vals, vecs = vals.flip(0).clamp(min=0), vecs.flip(1)
+    k = min(k, gram.shape[0])
+    coords = vecs[:, :k] * vals[:k].sqrt()
+    total = float(vals.sum())
+    ratio = vals[:k] / total if total > 0 else torch.zeros(k, dtype=torch.float64)
+    return coords.float(), ratio.float()
+
+
+def _neurons(reader: LayerReader, m: int, matrices: Sequence[str]) -> torch.Tensor:
+    """``[I, len(matrices) * d]``: each neuron's (act row, up row, down column) concatenated."""
+    parts = []
+    for matrix in matrices:
+        w = reader.tensor(m, matrix).full()
+        parts.append(w if NEURON_AXIS[matrix] == 0 else w.t())
+    return torch.cat(parts, dim=1)
+
+
+@dataclass(frozen=True)
+class ReorderResult:
+    """S3 for one pair of experts.
+
+    Attributes:
+        tau: Kendall τ between the sampled neurons of A and the neurons of B matched to them
+            (1: the identity order, about 0: no relation).
+        before / after: per matrix, cosine of the (sampled) flattened matrices before and after
+            permuting B's neurons.
+        neuron_cosine: mean cosine of matched neuron vectors.
+        rows / permutation: A's sampled neurons and B's neuron matched to each.
+        method: ``assignment`` (linear assignment, exact) or ``nearest`` (each A neuron's most
+            similar B neuron: a permutation-invariant proxy, one matrix product).
+    """
+
+    tau: float
+    before: dict[str, float]
+    after: dict[str, float]
+    neuron_cosine: float
+    rows: torch.Tensor
+    permutation: torch.Tensor
+    method: str
+
+
+def reorder_similarity(
+    reader: LayerReader,
+    a: int,
+    b: int,
+    *,
+    matrices: Sequence[str] = ("act", "up", "down"),
+    max_neurons: int | None = None,
+    method: str = "assignment",
+    seed: int = 0,
+) -> ReorderResult:
+    """S3: match expert ``b``'s neurons to expert ``a``'s and measure similarity after permuting.
+
+    Neurons are compared by the cosine of their concatenated (act row, up row, down column).
+    ``max_neurons`` samples that many of A's neurons (matched against all of B's), keeping the
+    O(n · I²) assignment affordable.
+
+    Example:
+        >>> from modulart.introspect.live import ModelSource
+        >>> from modulart.introspect.toy import toy_moe
+        >>> model = toy_moe()
+        >>> e0, e1 = model.layers[0].experts[0], model.layers[0].experts[1]
+        >>> perm = torch.randperm(32, generator=torch.Generator().manual_seed(0))
+        >>> with torch.no_grad():  # expert 1 := expert 0 with its neurons permuted
+        ...     for a, b in ((e1.gate_proj, e0.gate_proj), (e1.up_proj, e0.up_proj)):
+        ...         _ = a.weight.copy_(b.weight[perm])
+        ...     _ = e1.down_proj.weight.copy_(e0.down_proj.weight[:, perm])
+        >>> res = reorder_similarity(ModelSource(model).layer(0), 1, 0)
+        >>> torch.equal(res.permutation, perm), round(res.after["down"], 4), res.before["down"] < 0.5
+        (True, 1.0, True)
+    """
+    if method not in ("assignment", "nearest"):
+        raise ValueError(f"method must be 'assignment' or 'nearest', got {method!r}")
+    n_m = len(reader.members)
+    for name, m in (("a", a), ("b", b)):
+        if not 0 <= m < n_m:
+            raise IndexError(f"pair member {name}={m} out of range: layer {reader.index} has members {reader.members}")
+    mats = [check_matrix(x) for x in matrices if reader.has(a, x) and reader.has(b, x)]
+    na, nb = _neurons(reader, a, mats), _neurons(reader, b, mats)
+    if na.shape[1] != nb.shape[1]:
+        raise ShapeError(f"experts {a} and {b} have neurons of different sizes ({na.shape[1]} vs {nb.shape[1]})")
+    rows = torch.arange(na.shape[0])
+    if max_neurons is not None and max_neurons < na.shape[0]:
+        g = torch.Generator().manual_seed(seed)
+        rows = torch.randperm(na.shape[0], generator=g)[:max_neurons].sort().values
+    sim = F.normalize(na[rows], dim=1) @ F.normalize(nb, dim=1).t()  # [n, I_b]
+    if method == "assignment":
+        try:
+            linear_sum_assignment = importlib.import_module("scipy.optimize").linear_sum_assignment
+        except ImportError:
+            raise ModulartError(
+                "reorder_similarity(method='assignment') needs scipy (pip install 'modulart[plot]'); "
+                "method='nearest' needs nothing extra"
+            ) from None
+
+        r, c = linear_sum_assignment(sim.double().numpy(), maximize=True)
+        perm = torch.empty(len(rows), dtype=torch.long)
+        perm[torch.as_tensor(r)] = torch.as_tensor(c, dtype=torch.long)
+    else:
+        perm = sim.argmax(1)
+    matched = sim[torch.arange(len(rows)), perm]
+    before: dict[str, float] = {}
+    after: dict[str, float] = {}
+    d = reader.shape(a, mats[0])[1 - NEURON_AXIS[mats[0]]]
+    for i, matrix in enumerate(mats):
+        wa, wb = na[rows, i * d : (i + 1) * d], nb[:, i * d : (i + 1) * d]
+        same = rows if rows.max() < wb.shape[0] else rows.clamp(max=wb.shape[0] - 1)
+        before[matrix] = float(F.cosine_similarity(wa.reshape(1, -1), wb[same].reshape(1, -1)))
+        after[matrix] = float(F.cosine_similarity(wa.reshape(1, -1), wb[perm].reshape(1, -1)))
+    return ReorderResult(
+        tau=kendall_tau(rows, perm),
+        before=before,
+        after=after,
+        neuron_cosine=float(matched.mean()),
+        rows=rows,
+        permutation=perm,
+        method=method,
+    )
+
+
+def neuron_pca(
+    reader: LayerReader, matrix: str, *, max_neurons: int = 256, k: int = 2, seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """S5 (neurons): PCA of the routed experts' neuron vectors of ``matrix`` (sampled per expert).
+
+    Returns:
+        ``coords [n, k]``, ``expert [n]`` (the expert each neuron belongs to), ``explained [k]``.
+
+    Example:
+        >>> from modulart.introspect.live import ModelSource
+        >>> from modulart.introspect.toy import toy_moe
+        >>> coords, owner, ratio = neuron_pca(ModelSource(toy_moe()).layer(0), "up", max_neurons=5)
+        >>> tuple(coords.shape), owner.tolist()[:6], bool(ratio.sum() <= 1)
+        ((20, 2), [0, 0, 0, 0, 0, 1], True)
+    """
+    check_matrix(matrix)
+    g = torch.Generator().manual_seed(seed)
+    vecs, owner = [], []
+    for m, kind in enumerate(reader.kinds):
+        if kind != "expert" or not reader.has(m, matrix):
+            continue
+        w = reader.tensor(m, matrix).full()
+        w = w if NEURON_AXIS[matrix] == 0 else w.t()
+        pick = torch.randperm(w.shape[0], generator=g)[: min(max_neurons, w.shape[0])]
+        vecs.append(w[pick])
+        owner.append(torch.full((len(pick),), m, dtype=torch.long))
+    if not vecs:
+        raise ShapeError(f"layer {reader.index}: no routed expert has a {matrix!r} matrix")
+    x = torch.cat(vecs).double()
+    x = x - x.mean(0)
+    _, s, v = torch.linalg.svd(x, full_matrices=False)
+    k = min(k, v.shape[0])
+    var = s**2
+    return (x @ v[:k].t()).float(), torch.cat(owner), (var[:k] / var.sum().clamp(min=1e-30)).float()

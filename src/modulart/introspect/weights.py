@@ -1,0 +1,346 @@
+"""``modulart.introspect.weights``: the static analyses S1–S5 over every MoE layer of a model or checkpoint.
+
+Example:
+    >>> import torch
+    >>> import modulart.introspect as mi
+    >>> from modulart.emoe.routing import ExpertGroups
+    >>> model = torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.GELU(), torch.nn.Linear(32, 8))
+    >>> w = mi.weights(model, experts={"": ExpertGroups(torch.arange(32) % 4, 4)}, progress=False)
+    >>> s1 = w.expert_similarity(matrix="act", level="matrix")
+    >>> tuple(s1.values.shape), s1.members
+    ((1, 4, 4), ['e0', 'e1', 'e2', 'e3'])
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from os import PathLike
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from modulart.core.errors import ShapeError
+from modulart.core.select import select_layers
+from modulart.introspect.sources import MATRICES, WeightSource, check_matrix
+from modulart.introspect.static import (
+    LayerStats,
+    ReorderResult,
+    neuron_pca,
+    pca_from_gram,
+    pearson,
+    reorder_similarity,
+    scan_layer,
+)
+
+__all__ = ["GateVsExperts", "PCAResult", "Similarity", "Weights", "offdiag_mean", "weights"]
+
+
+def offdiag_mean(sim: torch.Tensor, rows: Sequence[int] | None = None) -> float:
+    """Mean of the off-diagonal entries of ``sim [M, M]`` restricted to ``rows`` (NaNs ignored).
+
+    Example:
+        >>> offdiag_mean(torch.tensor([[1.0, 0.2], [0.4, 1.0]]))
+        0.30000001192092896
+    """
+    idx = torch.tensor(list(rows) if rows is not None else range(sim.shape[0]))
+    sub = sim[idx[:, None], idx[None, :]]
+    mask = ~torch.eye(len(idx), dtype=torch.bool) & ~sub.isnan()
+    return float(sub[mask].mean()) if bool(mask.any()) else float("nan")
+
+
+@dataclass
+class Similarity:
+    """Per-layer similarity maps between members.
+
+    Attributes:
+        values: ``[L, M, M]`` (NaN where not comparable, e.g. a shared expert of another size in S1).
+        members: the ``M`` member names (``e{i}``, ``s{i}``, ``F``); kinds: their kinds.
+        layers: the ``L`` block indices.
+        matrix / level: what was compared.
+    """
+
+    values: torch.Tensor
+    members: list[str]
+    kinds: list[str]
+    layers: list[int]
+    matrix: str
+    level: str
+
+    def expert_mean(self) -> torch.Tensor:
+        """``[L]``: mean expert–expert similarity (off-diagonal, routed experts only)."""
+        rows = [i for i, k in enumerate(self.kinds) if k == "expert"]
+        return torch.tensor([offdiag_mean(v, rows) for v in self.values])
+
+    def dense_mean(self) -> torch.Tensor:
+        """``[L]``: mean expert–F similarity (NaN without a dense reference)."""
+        if "F" not in self.members:
+            return torch.full((len(self.layers),), float("nan"))
+        f = self.members.index("F")
+        rows = [i for i, k in enumerate(self.kinds) if k == "expert"]
+        return self.values[:, rows, f].nanmean(1)
+
+
+@dataclass
+class GateVsExperts:
+    """S4: router-row similarity against the experts' mean-neuron similarity, per layer.
+
+    Attributes:
+        router_cosine: ``[L, E, E]`` cosine between router rows.
+        expert_cosine: per matrix ``[L, E, E]`` (S2 among routed experts).
+        r: per matrix ``[L]`` Pearson R over the ``E(E-1)/2`` pairs.
+        mean_r2: per matrix, mean over layers of R².
+        layers: block indices.
+    """
+
+    router_cosine: torch.Tensor
+    expert_cosine: dict[str, torch.Tensor]
+    r: dict[str, torch.Tensor]
+    mean_r2: dict[str, float]
+    layers: list[int]
+
+
+@dataclass
+class PCAResult:
+    """S5. ``coords [L, n, k]`` (experts) or ``[n, k]`` (neurons); ``labels`` name each point;
+    ``explained [.., k]`` the variance ratios."""
+
+    coords: torch.Tensor
+    labels: list[str]
+    explained: torch.Tensor
+    layers: list[int]
+    level: str
+
+
+class Weights:
+    """The static analyses over a :class:`WeightSource` (one layer in memory at a time).
+
+    Results of the streaming pass are cached per layer and matrix, so S1, S2, S4 and the expert
+    PCA of one matrix cost one pass over the weights together.
+    """
+
+    def __init__(
+        self, source: WeightSource, *, layers: Any = None, budget_mb: float = 128, progress: bool | None = None
+    ) -> None:
+        self.source = source
+        all_idx = source.layer_indices
+        self.positions = select_layers(layers, len(all_idx)) if layers is not None else list(range(len(all_idx)))
+        self.layers = [all_idx[p] for p in self.positions]
+        self.budget_bytes = int(budget_mb * (1 << 20))
+        self.progress = progress
+        self._stats: dict[int, LayerStats] = {}
+        self._done: dict[int, set[str]] = {}
+        self._matrices: list[str] | None = None
+
+    # --- the streaming pass -------------------------------------------------------------------
+    @property
+    def matrices(self) -> list[str]:
+        """The matrix types the experts have (``up`` only for gated FFNs)."""
+        if self._matrices is None:
+            reader = self.source.layer(self.positions[0])
+            self._matrices = [m for m in MATRICES if reader.has(0, m)]
+        return self._matrices
+
+    def scan(self, matrices: Sequence[str] | None = None, *, pca: Sequence[str] = ()) -> list[LayerStats]:
+        """Run (or reuse) the streaming pass for ``matrices`` (default: all the experts have), one layer
+        in memory at a time; for the matrices in ``pca`` the S5 expert PCA is accumulated too."""
+        from tqdm.auto import tqdm
+
+        wanted = [check_matrix(m) for m in (self.matrices if matrices is None else matrices)]
+        pca = [check_matrix(m) for m in pca]
+        absent = [m for m in [*wanted, *pca] if m not in self.matrices]
+        if absent:
+            raise ShapeError(f"{self.source.name}: the experts have no {absent} matrix; they have {self.matrices}")
+        want = set(wanted) | {f"pca:{m}" for m in pca}
+        todo = [p for p in self.positions if not want <= self._done.get(p, set())]
+        show = self.progress if self.progress is not None else sys.stderr.isatty()
+        for p in tqdm(todo, desc="introspect: layers", unit="layer", disable=not show or not todo, leave=False):
+            reader = self.source.layer(p)
+            done = self._done.get(p, set())
+            z = [m for m in pca if f"pca:{m}" not in done]
+            missing = list(dict.fromkeys([m for m in wanted if m not in done] + z))
+            st = scan_layer(reader, missing, self.budget_bytes, pca=z)
+            if p in self._stats:
+                old = self._stats[p]
+                old.gram.update(st.gram)
+                old.zgram.update(st.zgram)
+                old.neuron_mean.update(st.neuron_mean)
+            else:
+                self._stats[p] = st
+            self._done.setdefault(p, set()).update(want)
+        return [self._stats[p] for p in self.positions]
+
+    def _position(self, layer: int) -> int:
+        if layer not in self.layers:
+            raise IndexError(f"layer {layer!r} is not an analysed MoE layer; layers: {self.layers}")
+        return self.positions[self.layers.index(layer)]
+
+    # --- S1 / S2 ------------------------------------------------------------------------------
+    def expert_similarity(self, matrix: str = "act", level: str = "matrix") -> Similarity:
+        """S1 (``level="matrix"``) or S2 (``"neuron_mean"``): ``[L, M, M]`` cosine per layer.
+
+        Args:
+            matrix: ``act`` (gate_proj / w1), ``up`` or ``down``.
+            level: ``matrix`` (flattened matrices) or ``neuron_mean`` (mean neuron vectors).
+
+        Example:
+            >>> from modulart.introspect.toy import toy_moe
+            >>> s = weights(toy_moe(), progress=False).expert_similarity("down", "neuron_mean")
+            >>> tuple(s.values.shape), s.members
+            ((2, 4, 4), ['e0', 'e1', 'e2', 'e3'])
+        """
+        check_matrix(matrix)
+        if level not in ("matrix", "neuron_mean"):
+            raise ValueError(f"level must be 'matrix' (S1) or 'neuron_mean' (S2), got {level!r}")
+        stats = self.scan([matrix])
+        n = max(len(s.members) for s in stats)
+        ref = next(s for s in stats if len(s.members) == n)
+        out = torch.full((len(stats), n, n), float("nan"))
+        for i, s in enumerate(stats):
+            if matrix not in s.gram:
+                continue
+            sim = s.cosine(matrix) if level == "matrix" else s.neuron_cosine(matrix)
+            out[i, : sim.shape[0], : sim.shape[1]] = sim
+        return Similarity(out, ref.members, ref.kinds, list(self.layers), matrix, level)
+
+    # --- S4 -----------------------------------------------------------------------------------
+    def gate_vs_experts(self, matrices: Sequence[str] | None = None) -> GateVsExperts:
+        """S4: per layer, Pearson R between router-row cosines and S2 cosines over expert pairs.
+
+        Args:
+            matrices: which S2 pairings (default: every matrix type the experts have).
+
+        Example:
+            >>> from modulart.introspect.toy import toy_moe
+            >>> g = weights(toy_moe(), progress=False).gate_vs_experts(["act"])
+            >>> tuple(g.router_cosine.shape), tuple(g.r["act"].shape)
+            ((2, 4, 4), (2,))
+        """
+        matrices = self.matrices if matrices is None else list(matrices)
+        stats = self.scan(matrices)
+        routers = []
+        for s in stats:
+            if s.router is None:
+                raise ValueError(f"layer {s.index} has no router weight")
+            routers.append(F.normalize(s.router, dim=1) @ F.normalize(s.router, dim=1).t())
+        router_cos = torch.stack(routers)
+        e = router_cos.shape[1]
+        iu = torch.triu_indices(e, e, 1)
+        expert_cos: dict[str, torch.Tensor] = {}
+        r: dict[str, torch.Tensor] = {}
+        mean_r2: dict[str, float] = {}
+        for matrix in matrices:
+            if not all(matrix in s.neuron_mean for s in stats):
+                continue
+            cos = torch.stack([s.neuron_cosine(matrix)[:e, :e] for s in stats])
+            expert_cos[matrix] = cos
+            r[matrix] = torch.tensor(
+                [pearson(rc[iu[0], iu[1]], c[iu[0], iu[1]]) for rc, c in zip(router_cos, cos, strict=True)]
+            )
+            mean_r2[matrix] = float((r[matrix] ** 2).nanmean())
+        return GateVsExperts(router_cos, expert_cos, r, mean_r2, list(self.layers))
+
+    # --- S3 -----------------------------------------------------------------------------------
+    def reorder_similarity(
+        self,
+        layer: int,
+        pair: tuple[int, int] = (0, 1),
+        *,
+        max_neurons: int | None = None,
+        method: str = "assignment",
+        seed: int = 0,
+    ) -> ReorderResult:
+        """S3 for experts ``pair`` of block ``layer`` (see :func:`~modulart.introspect.static.reorder_similarity`).
+
+        Example:
+            >>> from modulart.introspect.toy import toy_moe
+            >>> res = weights(toy_moe(), progress=False).reorder_similarity(layer=1, pair=(2, 2), method="nearest")
+            >>> res.tau, round(min(res.after.values()), 4)
+            (1.0, 1.0)
+        """
+        reader = self.source.layer(self._position(layer))
+        return reorder_similarity(reader, pair[0], pair[1], max_neurons=max_neurons, method=method, seed=seed)
+
+    # --- S5 -----------------------------------------------------------------------------------
+    def pca(
+        self,
+        matrix: str = "act",
+        *,
+        level: str = "experts",
+        layer: int | None = None,
+        n_components: int = 2,
+        max_neurons: int = 256,
+        seed: int = 0,
+    ) -> PCAResult:
+        """S5: PCA of the routed experts (flattened, z-scored; every layer) or of one layer's neurons.
+
+        Example:
+            >>> from modulart.introspect.toy import toy_moe
+            >>> w = weights(toy_moe(), progress=False)
+            >>> p = w.pca("act")
+            >>> tuple(p.coords.shape), p.labels
+            ((2, 4, 2), ['e0', 'e1', 'e2', 'e3'])
+            >>> tuple(w.pca("down", level="neurons", layer=0, max_neurons=8).coords.shape)
+            (32, 2)
+        """
+        check_matrix(matrix)
+        if level == "experts":
+            stats = self.scan([matrix], pca=[matrix])
+            pts, ratios = zip(*(pca_from_gram(s.zgram[matrix], n_components) for s in stats), strict=True)
+            labels = [m for m, k in zip(stats[0].members, stats[0].kinds, strict=True) if k == "expert"]
+            return PCAResult(torch.stack(list(pts)), labels, torch.stack(list(ratios)), list(self.layers), level)
+        if level != "neurons":
+            raise ValueError(f"level must be 'experts' or 'neurons', got {level!r}")
+        if layer is None:
+            raise ValueError("pca(level='neurons') needs layer=<block index>")
+        reader = self.source.layer(self._position(layer))
+        coords, owner, ratio = neuron_pca(reader, matrix, max_neurons=max_neurons, k=n_components, seed=seed)
+        return PCAResult(coords, [reader.members[int(o)] for o in owner], ratio, [layer], level)
+
+
+def weights(
+    source: nn.Module | str | PathLike[str] | WeightSource,
+    *,
+    dense: Any = None,
+    experts: Any = None,
+    layers: Any = None,
+    budget_mb: float = 128,
+    progress: bool | None = None,
+) -> Weights:
+    """The static analyses of a live model or a safetensors checkpoint directory (streamed).
+
+    Args:
+        source: an ``nn.Module``, a checkpoint directory, or a :class:`WeightSource`.
+        dense: optional dense reference (model or checkpoint dir): adds the ``F`` member.
+        experts: analyse dense FFNs as experts (an EMoE handle or ``{ffn_path: ExpertGroups}``).
+        layers: which MoE layers (a layer specification over the MoE layers in depth order).
+        budget_mb: MB (fp32) of one chunk of a layer's members; two are in flight (read-ahead).
+        progress: progress bar (default: when stderr is a terminal).
+
+    Returns:
+        :class:`Weights`.
+
+    Example:
+        >>> from modulart.introspect.toy import toy_moe
+        >>> w = weights(toy_moe(), progress=False)
+        >>> w.layers, w.matrices
+        ([0, 1], ['act', 'up', 'down'])
+    """
+    if isinstance(source, WeightSource):
+        src = source
+    elif isinstance(source, nn.Module):
+        from modulart.introspect.live import ModelSource
+
+        src = ModelSource(source, dense=dense, experts=experts)
+    elif isinstance(source, (str, PathLike)):
+        from modulart.introspect.checkpoint import CheckpointSource
+
+        if experts is not None:
+            raise ValueError("experts= (dense FFNs as experts) needs a live model, not a checkpoint directory")
+        src = CheckpointSource(source, dense=dense)
+    else:
+        raise TypeError(f"source must be a model, a checkpoint directory or a WeightSource, got {type(source)}")
+    return Weights(src, layers=layers, budget_mb=budget_mb, progress=progress)
