@@ -39,9 +39,12 @@ from torch import nn
 from modulart.core.linear import LinearRef, is_linear_like
 
 __all__ = [
+    "BLOCK_GROWTH",
+    "BLOCK_GROWTH_GENERIC",
     "FFN_LAYOUTS",
     "GLU_VARIANTS",
     "MOE_LAYOUTS",
+    "BlockGrowthInfo",
     "FFNLayout",
     "MoELayout",
     "TypeTable",
@@ -414,3 +417,42 @@ def block_position(model: nn.Module, path: str) -> tuple[str | None, int | None]
         if obj is None:
             break
     return None, None
+
+
+# --- growth (modulart.stacking): what a transformer block writes into the residual stream ---------
+@dataclass(frozen=True)
+class BlockGrowthInfo:
+    """What depth growth needs to know about a block class, beyond its FFN / MoE view.
+
+    Attributes:
+        residual_outputs: attribute paths (relative to the block) of the modules whose outputs are
+            added to the residual stream besides the FFN / MoE (attention output projections).
+            Zeroing them and the FFN values turns a pre-norm block into the identity (G_zero).
+        index_attrs: names of integer attributes of the block's submodules that store the block's
+            own position (``layer_idx`` addresses the KV cache in Hugging Face models).
+    """
+
+    residual_outputs: tuple[str, ...]
+    index_attrs: tuple[str, ...] = ("layer_idx", "layer_id", "layer_index", "layer_number")
+
+
+BLOCK_GROWTH: TypeTable[BlockGrowthInfo] = TypeTable()
+for _name, _info in {
+    "LlamaDecoderLayer": ("self_attn.o_proj",),
+    "MistralDecoderLayer": ("self_attn.o_proj",),
+    "Qwen2DecoderLayer": ("self_attn.o_proj",),
+    "Qwen2MoeDecoderLayer": ("self_attn.o_proj",),
+    "MixtralDecoderLayer": ("self_attn.o_proj",),
+    "OlmoeDecoderLayer": ("self_attn.o_proj",),
+    "DeepseekV3DecoderLayer": ("self_attn.o_proj",),
+    "GptOssDecoderLayer": ("self_attn.o_proj",),
+    "GPT2Block": ("attn.c_proj", "crossattention.c_proj"),
+    "GPTNeoXLayer": ("attention.dense",),
+    "OPTDecoderLayer": ("self_attn.out_proj",),
+    "BertLayer": ("attention.output.dense", "crossattention.output.dense"),
+    "ViTLayer": ("attention.o_proj", "attention.output.dense"),
+    "T5Block": ("layer.0.SelfAttention.o", "layer.1.EncDecAttention.o"),
+}.items():
+    BLOCK_GROWTH.register(_name, BlockGrowthInfo(residual_outputs=_info))
+# generic fallback: attention output projections under these names (relative paths, suffix match)
+BLOCK_GROWTH_GENERIC = BlockGrowthInfo(residual_outputs=("o_proj", "out_proj", "attn.c_proj", "attention.dense"))

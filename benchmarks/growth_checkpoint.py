@@ -1,0 +1,316 @@
+"""Benchmark: streaming depth growth of a synthetic Llama-shaped sharded checkpoint.
+
+Measured in one run, each in a fresh child process (peak RSS from ``os.wait4``), each followed by
+``sync`` so every tool pays for getting its bytes to disk:
+
+- ``baseline``: the interpreter importing torch + modulart.stacking (the RSS floor);
+- ``copy``: a plain kernel copy (``os.copy_file_range``) of as many bytes as the grown checkpoint
+  has, into shards of the same size: the physical limit;
+- ``modulart``: ``grow_checkpoint(src, dst, LayerPlan.stack(L, 2), max_shard_size=...)``;
+- ``mergekit``: its passthrough merge of the same plan (``--clone-tensors``), when installed.
+
+Ratios: wall time vs the copy (target <= 1.5x); peak RSS vs the checkpoint size and vs the target
+``largest output shard + 2 x largest tensor``. The source checkpoint lives under /tmp and is deleted.
+
+Run: python benchmarks/growth_checkpoint.py            (>= 4 GB source, ~8 GB output, a few minutes)
+     python benchmarks/growth_checkpoint.py --quick    (CI size, seconds)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def header_bytes(entries: list[tuple[str, str, tuple[int, ...], int]], metadata: dict[str, str]) -> bytes:
+    """safetensors header (same layout as modulart.stacking.sfio.header_bytes; torch-free so the parent stays small)."""
+    header: dict[str, Any] = {"__metadata__": metadata}
+    offset = 0
+    for name, dtype, shape, nbytes in entries:
+        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    return struct.pack("<Q", len(text)) + text
+
+
+def llama_tensors(hidden: int, inter: int, vocab: int, layers: int) -> list[tuple[str, tuple[int, ...]]]:
+    out: list[tuple[str, tuple[int, ...]]] = [("model.embed_tokens.weight", (vocab, hidden))]
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        out += [
+            (p + "input_layernorm.weight", (hidden,)),
+            (p + "self_attn.q_proj.weight", (hidden, hidden)),
+            (p + "self_attn.k_proj.weight", (hidden, hidden)),
+            (p + "self_attn.v_proj.weight", (hidden, hidden)),
+            (p + "self_attn.o_proj.weight", (hidden, hidden)),
+            (p + "post_attention_layernorm.weight", (hidden,)),
+            (p + "mlp.gate_proj.weight", (inter, hidden)),
+            (p + "mlp.up_proj.weight", (inter, hidden)),
+            (p + "mlp.down_proj.weight", (hidden, inter)),
+        ]
+    return [*out, ("model.norm.weight", (hidden,)), ("lm_head.weight", (vocab, hidden))]
+
+
+def make_checkpoint(d: Path, hidden: int, inter: int, vocab: int, layers: int, shard_bytes: int) -> dict[str, Any]:
+    """Write a bf16 Llama-shaped sharded checkpoint without ever holding more than 64 MiB."""
+    d.mkdir(parents=True)
+    block = os.urandom(64 << 20)
+    tensors = [(n, s, 2 * _numel(s)) for n, s in llama_tensors(hidden, inter, vocab, layers)]
+    shards: list[list[tuple[str, tuple[int, ...], int]]] = [[]]
+    size = 0
+    for t in tensors:
+        if shards[-1] and size + t[2] > shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(t)
+        size += t[2]
+    weight_map = {}
+    for k, shard in enumerate(shards):
+        fname = f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
+        with (d / fname).open("wb") as f:
+            f.write(header_bytes([(n, "BF16", s, b) for n, s, b in shard], {"format": "pt"}))
+            for n, _, b in shard:
+                weight_map[n] = fname
+                while b:
+                    k2 = min(b, len(block))
+                    f.write(block[:k2])
+                    b -= k2
+    total = sum(t[2] for t in tensors)
+    (d / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map})
+    )
+    config = {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": hidden,
+        "intermediate_size": inter,
+        "num_hidden_layers": layers,
+        "num_attention_heads": max(1, hidden // 128),
+        "num_key_value_heads": max(1, hidden // 128),
+        "vocab_size": vocab,
+        "max_position_embeddings": 4096,
+        "rms_norm_eps": 1e-5,
+        "tie_word_embeddings": False,
+        "torch_dtype": "bfloat16",
+        "layer_types": ["full_attention"] * layers,
+    }
+    (d / "config.json").write_text(json.dumps(config, indent=2))
+    return {"bytes": total, "largest_tensor": max(t[2] for t in tensors), "files": len(shards)}
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+WRAPPER = (
+    "import resource, subprocess, sys; r = subprocess.run(sys.argv[1:], capture_output=True, text=True); "
+    "sys.stdout.write(r.stdout[-3000:] + r.stderr[-3000:]); "
+    "print('\\nMAXRSS', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); sys.exit(r.returncode)"
+)
+
+
+def run_child(argv: list[str]) -> dict[str, float]:
+    """Run a command in a small wrapper process; wall time (including a sync afterwards) and peak RSS in MiB.
+
+    The wrapper holds no torch, so the child's peak RSS (``RUSAGE_CHILDREN`` of the wrapper) is the
+    command's own, not the pages a fork of a big parent would inherit.
+    """
+    t0 = time.perf_counter()
+    r = subprocess.run([sys.executable, "-c", WRAPPER, *argv], capture_output=True, text=True)
+    run_s = time.perf_counter() - t0
+    if r.returncode != 0:
+        raise RuntimeError(f"{argv[:3]}... failed ({r.returncode}):\n{r.stdout[-3000:]}{r.stderr[-2000:]}")
+    os.sync()
+    wall = time.perf_counter() - t0
+    rss_kib = int(r.stdout.rsplit("MAXRSS", 1)[1].split()[0])
+    return {"wall_s": wall, "run_s": run_s, "peak_rss_mib": rss_kib / 1024}
+
+
+COPY = r"""
+import os, sys
+from pathlib import Path
+src, dst, total, shard = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+dst.mkdir()
+files = sorted(src.glob("*.safetensors"))
+left, k, i = total, 0, 0
+while left:
+    with (dst / f"copy-{k:05d}.safetensors").open("wb") as out:
+        room = min(shard, left)
+        while room:
+            with files[i % len(files)].open("rb") as f:
+                n = min(room, os.fstat(f.fileno()).st_size)
+                off = 0
+                while off < n:
+                    off += os.copy_file_range(f.fileno(), out.fileno(), n - off, off)
+            room -= n; left -= n; i += 1
+        os.fsync(out.fileno())
+    k += 1
+"""
+
+
+def mergekit_yaml(src: Path, layers: int, g: int) -> str:
+    slices = "\n".join(f"  - sources:\n      - model: {src}\n        layer_range: [0, {layers}]" for _ in range(g))
+    return f"slices:\n{slices}\nmerge_method: passthrough\ndtype: bfloat16\n"
+
+
+def mergekit_layer_types_check(mk: str, work: Path) -> dict[str, Any]:
+    """Does mergekit's passthrough handle a config with ``layer_types``? (a 2-layer toy checkpoint)"""
+    src = work / "tiny"
+    make_checkpoint(src, 64, 128, 256, 2, 1 << 30)
+    (work / "tiny.yml").write_text(mergekit_yaml(src, 2, 2))
+    argv = [mk, str(work / "tiny.yml"), str(work / "tiny-out"), "--clone-tensors", "--no-copy-tokenizer", "--quiet"]
+    r = subprocess.run(argv, capture_output=True, text=True)
+    shutil.rmtree(work / "tiny-out", ignore_errors=True)
+    last = (r.stdout + r.stderr).strip().splitlines()[-1:] or [""]
+    return {"ok": r.returncode == 0, "message": last[0][-300:]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="CI size (~60 MB)")
+    ap.add_argument("--factor", type=int, default=2)
+    ap.add_argument("--no-mergekit", action="store_true")
+    ap.add_argument("--workdir", default="/tmp")
+    args = ap.parse_args()
+    if args.quick:
+        dims, shard = {"hidden": 512, "inter": 1376, "vocab": 8000, "layers": 4}, 16 << 20
+        shard_arg, mk_shard = "16MB", "8M"
+    else:  # 9 layers of Llama-7B width: 4.17 GB in bf16
+        dims, shard = {"hidden": 4096, "inter": 11008, "vocab": 32000, "layers": 9}, 2 * 10**9
+        shard_arg, mk_shard = "2GB", "1B"
+    work = Path(tempfile.mkdtemp(prefix="modulart-growth-bench-", dir=args.workdir))
+    try:
+        src = work / "src"
+        t0 = time.perf_counter()
+        info = make_checkpoint(src, dims["hidden"], dims["inter"], dims["vocab"], dims["layers"], shard)
+        os.sync()
+        make_s = time.perf_counter() - t0
+        layers, g = dims["layers"], args.factor
+        block = (info["bytes"] - 2 * 2 * dims["vocab"] * dims["hidden"] - 2 * dims["hidden"]) // layers
+        out_bytes = info["bytes"] + (g - 1) * layers * block
+        py = sys.executable
+        results: dict[str, Any] = {}
+        results["baseline"] = run_child([py, "-c", "import torch, tqdm, safetensors, modulart.stacking"])
+        results["copy"] = run_child([py, "-c", COPY, str(src), str(work / "copy"), str(out_bytes), str(shard)])
+        shutil.rmtree(work / "copy")
+        grow = (
+            "import sys, modulart.stacking as st; "
+            f"st.grow_checkpoint(sys.argv[1], sys.argv[2], st.LayerPlan.stack({layers}, {g}), "
+            f"max_shard_size={shard_arg!r}, progress=False)"
+        )
+        results["modulart"] = run_child([py, "-c", grow, str(src), str(work / "grown")])
+        from modulart.stacking.sfio import SafetensorsFile
+
+        grown_files = sorted((work / "grown").glob("*.safetensors"))
+        shard_sizes = [sum(e.nbytes for e in SafetensorsFile(f).entries.values()) for f in grown_files]
+        written = sum(shard_sizes)
+        assert written == out_bytes, (written, out_bytes)
+        mk = shutil.which("mergekit-yaml")
+        if mk and not args.no_mergekit:
+            results["mergekit_layer_types"] = mergekit_layer_types_check(mk, work)
+            config = json.loads((src / "config.json").read_text())
+            config.pop("layer_types")  # mergekit rewrites only num_hidden_layers: drop it so the merge can finish
+            (src / "config.json").write_text(json.dumps(config, indent=2))
+            cfg = work / "merge.yml"
+            cfg.write_text(mergekit_yaml(src, layers, g))
+            mk_args = [mk, str(cfg), str(work / "mergekit"), "--out-shard-size", mk_shard, "--clone-tensors"]
+            mk_args += ["--no-copy-tokenizer", "--no-write-model-card", "--quiet"]
+            try:
+                results["mergekit"] = run_child(mk_args)
+                import torch
+
+                a = SafetensorsFile(grown_files[-1])
+                name = next(n for n in a.entries if ".layers." in n)
+                mk_files = {n: f for f in (work / "mergekit").glob("*.safetensors") for n in SafetensorsFile(f).entries}
+                b = SafetensorsFile(mk_files[name])
+                ta, tb = a.read_tensor(name), b.read_tensor(name)
+                results["mergekit"]["same_bytes_as_modulart"] = bool(ta.view(torch.uint8).equal(tb.view(torch.uint8)))
+            except RuntimeError as e:
+                results["mergekit"] = {"error": str(e)[-500:]}
+            shutil.rmtree(work / "mergekit", ignore_errors=True)
+        base = results["baseline"]["peak_rss_mib"]
+        target = (max(shard_sizes) + 2 * info["largest_tensor"]) / 2**20
+        summary = {
+            "source_bytes": info["bytes"],
+            "output_bytes": out_bytes,
+            "largest_tensor_bytes": info["largest_tensor"],
+            "largest_output_shard_bytes": max(shard_sizes),
+            "make_source_s": make_s,
+            "rss_target_mib": target,
+            "time_ratio_vs_copy": results["modulart"]["wall_s"] / results["copy"]["wall_s"],
+            "time_ratio_vs_copy_excl_import": (results["modulart"]["wall_s"] - results["baseline"]["wall_s"])
+            / results["copy"]["wall_s"],
+            "rss_above_baseline_mib": results["modulart"]["peak_rss_mib"] - base,
+            "rss_vs_checkpoint": results["modulart"]["peak_rss_mib"] * 2**20 / info["bytes"],
+            "rss_within_target": results["modulart"]["peak_rss_mib"] - base <= target,
+        }
+        if "wall_s" in results.get("mergekit", {}):
+            summary["mergekit_time_ratio_vs_copy"] = results["mergekit"]["wall_s"] / results["copy"]["wall_s"]
+            summary["mergekit_rss_vs_checkpoint"] = results["mergekit"]["peak_rss_mib"] * 2**20 / info["bytes"]
+        report = {
+            "benchmark": "growth_checkpoint",
+            "quick": args.quick,
+            "dims": dims,
+            "factor": g,
+            "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
+            "results": results,
+            "summary": summary,
+        }
+        RESULTS.mkdir(exist_ok=True)
+        out = RESULTS / f"growth_checkpoint{'_quick' if args.quick else ''}.json"
+        out.write_text(json.dumps(report, indent=2))
+        gb = 1e9
+        print(
+            f"source {info['bytes'] / gb:.2f} GB -> grown x{g} {out_bytes / gb:.2f} GB "
+            f"(largest tensor {info['largest_tensor'] / 2**20:.0f} MiB, largest output shard "
+            f"{max(shard_sizes) / 2**20:.0f} MiB)"
+        )
+        print(f"{'run':<10} {'wall s':>8} {'x copy':>8} {'peak RSS MiB':>13} {'RSS / ckpt':>11}")
+        for k, r in results.items():
+            if k == "mergekit_layer_types":
+                continue
+            if "wall_s" not in r:
+                print(f"{k:<10} failed: {r.get('error', '')[-80:]}")
+                continue
+            ratio = r["wall_s"] / results["copy"]["wall_s"]
+            print(
+                f"{k:<10} {r['wall_s']:>8.2f} {ratio:>8.2f} {r['peak_rss_mib']:>13.0f} "
+                f"{r['peak_rss_mib'] * 2**20 / info['bytes']:>11.3f}"
+            )
+        print(
+            f"modulart RSS above the interpreter baseline: {summary['rss_above_baseline_mib']:.0f} MiB "
+            f"(target <= largest shard + 2 x largest tensor = {target:.0f} MiB): "
+            f"{'OK' if summary['rss_within_target'] else 'MISSED'}; wall time {summary['time_ratio_vs_copy']:.2f}x copy"
+        )
+        print(
+            f"modulart wall time minus the interpreter/torch start-up ({results['baseline']['wall_s']:.2f} s): "
+            f"{summary['time_ratio_vs_copy_excl_import']:.2f}x copy"
+        )
+        if "mergekit_layer_types" in results:
+            lt = results["mergekit_layer_types"]
+            print(f"mergekit on a config with layer_types: {'ok' if lt['ok'] else 'FAILS: ' + lt['message'].strip()}")
+        if "same_bytes_as_modulart" in results.get("mergekit", {}):
+            print(f"mergekit output tensor identical to modulart's: {results['mergekit']['same_bytes_as_modulart']}")
+        print(f"wrote {out}")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
