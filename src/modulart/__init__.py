@@ -21,8 +21,11 @@ from modulart._version import __version__
 if TYPE_CHECKING:
     from modulart import core as core
     from modulart import emoe as emoe
+    from modulart import introspect as introspect
     from modulart import kv as kv
     from modulart import migu as migu
+    from modulart import patcher as patcher
+    from modulart import stacking as stacking
     from modulart.core.arch import (
         FFNLayout,
         MoELayout,
@@ -146,7 +149,7 @@ __all__ = [
 assert set(__all__) == {"__version__", *_EXPORTS}
 
 
-_SUBPACKAGES = ("core", "emoe", "kv", "migu")
+_SUBPACKAGES = ("core", "emoe", "introspect", "kv", "migu", "patcher", "stacking")
 
 
 def __getattr__(name: str) -> Any:

