@@ -368,3 +368,17 @@ def test_llm_preset_zero_init_starts_as_a_no_op() -> None:
     assert r.steps == 1 and r.patch_ids
     torch.testing.assert_close(outputs(s), before, rtol=0, atol=1e-6)
     p.remove()
+
+
+def test_unreachable_margins_stop_once_the_loss_settles() -> None:
+    """The memory holds the edit's own FFN inputs (causal model, same prefix), so the margins cannot hold."""
+    s = causal_lm("llama")
+    x, y = s.edits[0]
+    full = make_example(x, y, "generation").inputs["input_ids"]
+    p = mp.apply(s.model, task="generation", stop_patience=30, max_steps=1000)
+    p.set_memory([*s.memory, full])
+    r = p.edit(x, y)
+    assert r.success and not r.margins_hold
+    assert r.margins[0]["edit_activation"] == pytest.approx(r.margins[0]["max_memory_activation"], abs=1e-4)
+    assert r.steps < 1000, r.steps  # without the settling rule it runs to the cap
+    p.remove()

@@ -73,6 +73,11 @@ class PatcherConfig(OperatorConfig):
     max_steps: int = option(2000, "step cap per edit; an edit still wrong then counts as failed")
     fixed_steps: bool = option(False, "train exactly max_steps steps (LLM preset) instead of stopping early")
     require_margins: bool = option(True, "early stop needs the margins too, not only a correct edit")
+    stop_patience: int = option(
+        100,
+        "once the edit is right, also stop when its loss has not fallen by 1% for this many steps even if the "
+        "margins do not hold (the margins may be unreachable when ordinary inputs resemble the edit)",
+    )
     keep_failed: bool = option(False, "keep the neurons of a failed edit (default: discard them)")
     memory_size: int = option(40000, "cap on memory vectors (a seeded random subset is kept beyond it)")
     append_edits_to_memory: bool = option(True, "each finished edit's own vectors join the memory")
@@ -134,7 +139,8 @@ class PatcherConfig(OperatorConfig):
             "must be 'last', an int index into find_ffns(model) or an FFN path",
         )
         self.require(self.init in INITS, "init", f"must be one of {INITS}")
-        for name in ("max_neurons_per_edit", "activation_top_k", "memory_top_k", "views", "max_steps", "memory_size"):
+        names = ("max_neurons_per_edit", "activation_top_k", "memory_top_k", "views", "max_steps", "memory_size")
+        for name in (*names, "stop_patience"):
             v = getattr(self, name)
             self.require(_is_int(v) and v >= 1, name, "must be an int >= 1")
         self.require(_is_int(self.plateau_patience) and self.plateau_patience >= 1, "plateau_patience", "must be >= 1")

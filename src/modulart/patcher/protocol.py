@@ -9,7 +9,8 @@ A stream of edits is applied one on top of the other. Reported, explicitly for b
 - ``locality``: per ordinary evaluation set, accuracy relative to the original model
   (``TrainR``/``TestR`` = acc_edited / acc_original) and the fraction of unchanged predictions.
 
-Edits the original model already gets right are skipped and counted separately. With ``folds > 1``
+Edits the original model already gets right are skipped and counted separately; an edit that
+earlier edits already made right counts as attempted (a success with no training). With ``folds > 1``
 the edits are split into independent streams, each from the original model, and metrics averaged.
 
 Example:
@@ -70,6 +71,7 @@ class SequentialReport:
     failed: int
     neurons_added: float
     seconds_per_edit: float
+    steps_per_edit: float
     right_after: dict[str, float]
     final: dict[str, float]
     locality: dict[str, dict[str, float]]
@@ -89,7 +91,10 @@ class SequentialReport:
                 f"  locality[{set_name}] acc {m['accuracy_original']:.3f} -> {m['accuracy_final']:.3f} "
                 f"(ratio {m['ratio']:.3f}, unchanged {m['unchanged']:.1%})"
             )
-        rows.append(f"  neurons added {self.neurons_added:.1f}, {self.seconds_per_edit:.2f} s per edit")
+        rows.append(
+            f"  neurons added {self.neurons_added:.1f}, {self.seconds_per_edit:.2f} s and "
+            f"{self.steps_per_edit:.0f} steps per edit"
+        )
         return "\n".join(rows)
 
 
@@ -142,21 +147,24 @@ def _run_stream(
 ) -> dict[str, Any]:
     edit_ex = [make_example(c.inputs, c.target, task) for c in cases]
     equiv_ex = [[make_example(x, c.target, task) for x in c.equivalents] for c in cases]
+    already, _ = evaluate(model, edit_ex, task)  # right on the original model: skipped, never edited
     editor = make_editor(model)
     try:
         done: list[int] = []
         after_success, after_gen, after_retain = [], [], []
         curve: list[dict[str, Any]] = []
         seconds: list[float] = []
+        steps: list[int] = []
         skipped = failed = 0
         neurons = 0
         for t, c in enumerate(cases):
-            res = editor.edit(c.inputs, c.target, text=c.text, target_text=c.target_text)
-            if res.skipped:
+            if already[t]:
                 skipped += 1
                 continue
+            res = editor.edit(c.inputs, c.target, text=c.text, target_text=c.target_text)
             done.append(t)
             seconds.append(res.seconds)
+            steps.append(res.steps)
             neurons += len(res.patch_ids)
             failed += not res.success
             right_now, _ = evaluate(model, [edit_ex[i] for i in done], task)
@@ -179,6 +187,7 @@ def _run_stream(
         "failed": failed,
         "neurons_added": neurons,
         "seconds_per_edit": _mean(seconds),
+        "steps": steps,
         "right_after": {
             "success": _mean(after_success),
             "generalisation": _mean(after_gen),
@@ -247,6 +256,7 @@ def sequential_edit(
         failed=sum(f["failed"] for f in per_fold),
         neurons_added=_mean(f["neurons_added"] for f in per_fold),
         seconds_per_edit=_mean(f["seconds_per_edit"] for f in per_fold),
+        steps_per_edit=_mean(s for f in per_fold for s in f["steps"]),
         right_after={k: _mean(f["right_after"][k] for f in per_fold) for k in keys},
         final={k: _mean(f["final"][k] for f in per_fold) for k in keys},
         locality=loc,

@@ -226,6 +226,9 @@ def train_edits(
     opt = VectorAdam(ns.params(), lr[ns.owner], cfg.weight_decay)
     best = torch.full((n_edits,), math.inf, device=dev)
     stall = torch.zeros(n_edits, dtype=torch.long, device=dev)
+    # settling: steps since the loss last fell by 1% (coarser than the plateau rule, not reset by halving)
+    settle_best = torch.full((n_edits,), math.inf, device=dev)
+    since_best = torch.zeros(n_edits, dtype=torch.long, device=dev)
     steps = torch.zeros(n_edits, dtype=torch.long)
     done_ok = torch.zeros(n_edits, dtype=torch.bool)
     losses: list[list[float]] = [[] for _ in range(n_edits)]
@@ -265,6 +268,9 @@ def train_edits(
                 improved = pe < best * (1 - 1e-4)
                 best = torch.where(improved, pe, best)
                 stall = torch.where(improved, torch.zeros_like(stall), stall + 1)
+                fell = pe < settle_best * (1 - 1e-2)
+                settle_best = torch.where(fell, pe, settle_best)
+                since_best = torch.where(fell, torch.zeros_like(since_best), since_best + 1)
                 halve = active & (stall >= cfg.plateau_patience)
                 lr = torch.where(halve, (lr / 2).clamp(min=cfg.min_lr), lr)
                 stall = torch.where(halve, torch.zeros_like(stall), stall)
@@ -275,7 +281,8 @@ def train_edits(
                     view_ok = correct(logits.detach(), rep, cfg.task).reshape(n_edits, views).all(1)
                     ok_n, _ = _margins(a_e.detach(), a_m.detach(), cfg)
                     margin_ok = _per_edit(ok_n.float(), ns.owner, n_edits) == 1
-                cand = active & view_ok & (margin_ok | (not cfg.require_margins))
+                settled = margin_ok | (since_best >= cfg.stop_patience) | (not cfg.require_margins)
+                cand = active & view_ok & settled
                 if bool(cand.any()):
                     idx = cand.nonzero().flatten().tolist()
                     bank.pending = None

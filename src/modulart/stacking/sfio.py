@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import json
 import os
 import re
@@ -114,7 +115,7 @@ class SafetensorsFile:
     def copy_to(
         self,
         name: str,
-        out: BinaryIO,
+        out: BinaryIO | io.RawIOBase,
         buffer: bytearray,
         *,
         hasher: Any = None,
@@ -141,17 +142,7 @@ class SafetensorsFile:
     def hash_tensor(self, name: str, buffer: bytearray) -> str:
         """blake2b digest of the tensor's bytes (streamed)."""
         h = hashlib.blake2b(digest_size=16)
-        e = self.entries[name]
-        view = memoryview(buffer)
-        with self.path.open("rb", buffering=0) as fh:
-            fh.seek(e.start)
-            left = e.nbytes
-            while left:
-                n = fh.readinto(view[: min(left, len(buffer))])
-                if not n:
-                    raise IncompatibleArtifactError(f"{self.path}: unexpected end of file while reading {name!r}")
-                h.update(view[:n])
-                left -= n
+        self.copy_to(name, _Discard(), buffer, hasher=h)
         return h.hexdigest()
 
     def read_tensor(self, name: str) -> torch.Tensor:
@@ -172,6 +163,16 @@ def _drop_cache(fh: BinaryIO, start: int, length: int) -> None:
     if fadvise is not None:
         with contextlib.suppress(OSError):
             fadvise(fh.fileno(), start, length, os.POSIX_FADV_DONTNEED)
+
+
+class _Discard(io.RawIOBase):
+    """A writable sink that keeps nothing (hashing a tensor reuses the copy loop)."""
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, b: Any) -> int:
+        return len(b)
 
 
 def header_bytes(entries: list[tuple[str, str, tuple[int, ...], int]], metadata: dict[str, str]) -> bytes:
