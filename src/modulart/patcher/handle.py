@@ -40,16 +40,14 @@ from torch import nn
 
 from modulart.core.errors import (
     ConfigError,
-    IncompatibleArtifactError,
     ShapeError,
     UnsupportedOperationError,
 )
 from modulart.core.ffn import FFN
-from modulart.core.io import from_pretrained, load_artifact, save_artifact
 from modulart.core.operator import Handle, Operator, OperatorConfig, Plan
 from modulart.patcher import memory as mem
 from modulart.patcher.bake import widen
-from modulart.patcher.bank import PatchBank, Pending
+from modulart.patcher.bank import PatchBank
 from modulart.patcher.config import PatcherConfig
 from modulart.patcher.records import EditResult, FiringReport, Patch, content_hash
 from modulart.patcher.task import (
@@ -57,13 +55,13 @@ from modulart.patcher.task import (
     Inputs,
     buckets,
     collate,
-    correct,
+    evaluate,
     make_example,
     neuron_positions,
     run_model,
     token_errors,
 )
-from modulart.patcher.train import NeuronSet, init_neurons, train_edits
+from modulart.patcher.train import NeuronSet, clean_check, init_neurons, train_edits
 
 __all__ = ["Patcher"]
 
@@ -231,9 +229,8 @@ class Patcher(Handle):
 
     def is_correct(self, pairs: Sequence[Pair]) -> list[bool]:
         """Whether the model (with its patches) is right on each ``(inputs, target)`` pair."""
-        examples = [make_example(x, y, self.cfg.task) for x, y in pairs]
-        logits, _ = self._clean(examples)
-        return [bool(correct(lg, [ex], self.cfg.task)[0]) for lg, ex in zip(logits, examples, strict=True)]
+        right, _ = evaluate(self.model, [make_example(x, y, self.cfg.task) for x, y in pairs], self.cfg.task)
+        return [bool(r) for r in right]
 
     def fired(self, inputs: Inputs) -> FiringReport:
         """Which patches fire where on ``inputs`` (a batch): pre-activations ``[B, L, P]`` above ``fire_threshold``."""
@@ -327,10 +324,10 @@ class Patcher(Handle):
         def run(batch: dict[str, torch.Tensor], positional: bool) -> torch.Tensor:
             return run_model(self.model, batch, positional)
 
-        def clean_check(idx: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-            return self._clean_check(idx, exs, ns)
+        def check(idx: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+            return clean_check(self.model, self.bank, [exs[i] for i in idx], idx, ns, cfg.task)
 
-        outcomes = train_edits(self.model, self.bank, exs, ns, memory, cfg, run, clean_check, seed)
+        outcomes = train_edits(self.model, self.bank, exs, ns, memory, cfg, run, check, seed)
         results = []
         for k, (i, out) in enumerate(zip(group, outcomes, strict=True)):
             edit_id = self._new_edit_id()
@@ -346,30 +343,6 @@ class Patcher(Handle):
                 EditResult(edit_id, ids, out.success, False, out.steps, out.margins, out.losses, out.seconds)
             )
         return results
-
-    def _clean_check(self, idx: list[int], exs: Sequence[Example], ns: NeuronSet) -> tuple[torch.Tensor, torch.Tensor]:
-        sub = [exs[i] for i in idx]
-        dev = self.bank.device
-        rows = (torch.tensor(idx, device=dev)[:, None] == ns.owner[None]).float()
-        was = self.model.training
-        self.model.eval()
-        a_e = torch.full((ns.keys.shape[0],), float("nan"), device=dev)
-        right = torch.zeros(len(idx), dtype=torch.bool)
-        try:
-            with torch.no_grad():
-                self.bank.pending = Pending(ns.keys, ns.key_bias, ns.values, rows, ns.up, ns.up_bias)
-                logits = run_model(self.model, collate(sub), sub[0].positional)
-                a = self.bank.pending.pre_activations
-                assert a is not None
-                a = a[:, None] if a.dim() == 2 else a
-                right = correct(logits, sub, self.cfg.task).cpu()
-                for r, e in enumerate(idx):
-                    for j in (ns.owner == e).nonzero().flatten().tolist():
-                        a_e[j] = a[r, ns.positions[j], j].mean()
-        finally:
-            self.bank.pending = None
-            self.model.train(was)
-        return right, a_e
 
     def _commit(
         self, ns: NeuronSet, rows: list[int], ex: Example, edit_id: str, out: Any, text: tuple[str | None, str | None]
@@ -459,58 +432,17 @@ class Patcher(Handle):
 
         ``include_memory`` also stores the memory set, so editing can continue after :meth:`load`.
         """
+        from modulart.patcher.persist import save_patcher
+
         self._check_live()
-        tensors = self.state_dict()
-        if include_memory and self.memory is not None:
-            tensors["memory"] = self.memory
-        extra = {
-            "layer": self.ffn.path,
-            "patches": [p.to_dict() for p in self.patches],
-            "next_patch": self._next_patch,
-            "next_edit": self._next_edit,
-        }
-        return save_artifact(
-            directory,
-            operator=self.operator.name,
-            config=self.config.to_dict(),
-            tensors=tensors,
-            fingerprint=self.base_fingerprint,
-            selector=str(self.cfg.layer),
-            resolved=self.plan.targets,
-            extra=extra,
-        )
+        return save_patcher(self, directory, include_memory=include_memory)
 
     @classmethod
     def load(cls, model: nn.Module, directory: str | os.PathLike[str], *, check_fingerprint: bool = True) -> Patcher:
         """Re-apply saved patches to ``model``; the base-model fingerprint is checked first."""
-        art = load_artifact(from_pretrained(directory))
-        if art.operator != "patcher":
-            raise IncompatibleArtifactError(f"{art.path} holds a {art.operator!r} artefact, not patcher patches")
-        if check_fingerprint:
-            art.check_fingerprint(model)
-        from modulart.patcher.operator import PatcherOperator
+        from modulart.patcher.persist import load_patcher
 
-        extra = art.meta.get("extra", {})
-        patches = [Patch.from_dict(p) for p in extra.get("patches", [])]
-        handle = PatcherOperator.apply(model, PatcherConfig.from_dict(art.config))
-        assert isinstance(handle, Patcher)
-        try:
-            if extra.get("layer") != handle.ffn.path:
-                raise IncompatibleArtifactError(
-                    f"{art.path}: patches were made for FFN {extra.get('layer')!r}, the config resolves to "
-                    f"{handle.ffn.path!r} on this model"
-                )
-            state = dict(art.tensors)
-            memory = state.pop("memory", None)
-            handle.bank.load_state_dict(state, [p.id for p in patches])
-            handle._patches = {p.id: p for p in patches}
-            handle.memory = memory.to(handle.bank.device) if memory is not None else None
-            handle._next_patch = int(extra.get("next_patch", len(patches) + 1))
-            handle._next_edit = int(extra.get("next_edit", 1))
-        except BaseException:
-            handle.remove()
-            raise
-        return handle
+        return load_patcher(model, directory, check_fingerprint=check_fingerprint)
 
 
 def _by_length(todo: list[int], examples: Sequence[Example]) -> list[list[int]]:

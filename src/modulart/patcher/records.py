@@ -113,7 +113,8 @@ class EditResult:
         skipped: the model was already right, so nothing was trained.
         steps: optimisation steps taken.
         margins: per neuron: ``edit_activation``, ``max_memory_activation``, ``edit_margin``
-            (edit − max memory, target ≥ γ) and ``silence_margin`` (β − max memory, target ≥ 0).
+            (edit − max memory − γ: ≥ 0 when the γ margin holds) and ``silence_margin``
+            (β − max memory: ≥ 0 when the β margin holds).
         losses: the total loss per step.
         seconds: wall time of the edit.
     """

@@ -34,9 +34,9 @@ from torch import nn
 
 from modulart.patcher.bank import PatchBank, Pending
 from modulart.patcher.config import PatcherConfig
-from modulart.patcher.task import Example, collate, correct, per_example_loss
+from modulart.patcher.task import Example, collate, correct, per_example_loss, run_model
 
-__all__ = ["NeuronSet", "TrainOutcome", "VectorAdam", "train_edits"]
+__all__ = ["NeuronSet", "TrainOutcome", "VectorAdam", "clean_check", "init_neurons", "train_edits"]
 
 _MAX_EXP = 60.0
 
@@ -230,7 +230,6 @@ def train_edits(
     settle_best = torch.full((n_edits,), math.inf, device=dev)
     since_best = torch.zeros(n_edits, dtype=torch.long, device=dev)
     steps = torch.zeros(n_edits, dtype=torch.long)
-    done_ok = torch.zeros(n_edits, dtype=torch.bool)
     losses: list[list[float]] = [[] for _ in range(n_edits)]
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
     was_training = model.training
@@ -290,7 +289,6 @@ def train_edits(
                     for e, r in zip(idx, right.tolist(), strict=True):
                         if r:
                             active[e] = False
-                            done_ok[e] = True
                 if not bool(active.any()):
                     break
     finally:
@@ -318,6 +316,36 @@ def train_edits(
         ]
         out.append(TrainOutcome(bool(right[e]), int(steps[e]), losses[e], rows, margins, seconds))
     return out
+
+
+def clean_check(
+    model: nn.Module, bank: PatchBank, sub: Sequence[Example], idx: list[int], ns: NeuronSet, task: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eval-mode check of edits ``idx`` (examples ``sub``) with their pending neurons only.
+
+    Returns ``(right [len(idx)] bool, a_e [Pn])``: ``a_e[j]`` is neuron j's mean pre-activation over its
+    positions on the clean input (NaN for neurons of edits not in ``idx``).
+    """
+    dev = bank.device
+    rows = (torch.tensor(idx, device=dev)[:, None] == ns.owner[None]).float()
+    was = model.training
+    model.eval()
+    a_e = torch.full((ns.keys.shape[0],), float("nan"), device=dev)
+    try:
+        with torch.no_grad():
+            bank.pending = Pending(ns.keys, ns.key_bias, ns.values, rows, ns.up, ns.up_bias)
+            logits = run_model(model, collate(sub), sub[0].positional)
+            a = bank.pending.pre_activations
+            assert a is not None, "the patch hook did not run"
+            a = a[:, None] if a.dim() == 2 else a
+            right = correct(logits, sub, task).cpu()
+            for r, e in enumerate(idx):
+                for j in (ns.owner == e).nonzero().flatten().tolist():
+                    a_e[j] = a[r, ns.positions[j], j].mean()
+    finally:
+        bank.pending = None
+        model.train(was)
+    return right, a_e
 
 
 def _no_bar(progress: bool | None) -> bool:
