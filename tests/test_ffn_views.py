@@ -13,7 +13,8 @@ from torch import nn
 
 import modulart as mt
 from families import DENSE_FAMILIES, Family, build, minilm
-from modulart.core.arch import FFN_LAYOUTS, MOE_LAYOUTS
+from modulart.core.arch import FFN_LAYOUTS
+from modulart.core.moe_layouts import MOE_LAYOUTS
 from view_helpers import capture, changed, snapshot
 
 ATOL = 1e-5

@@ -26,12 +26,7 @@ if TYPE_CHECKING:
     from modulart import migu as migu
     from modulart import patcher as patcher
     from modulart import stacking as stacking
-    from modulart.core.arch import (
-        FFNLayout,
-        MoELayout,
-        register_ffn_layout,
-        register_moe_layout,
-    )
+    from modulart.core.arch import FFNLayout, register_ffn_layout
     from modulart.core.errors import (
         ConfigError,
         HookError,
@@ -48,6 +43,7 @@ if TYPE_CHECKING:
     from modulart.core.hooks import HookHandle, HookRegistry, HookSite, HookSpec, Priority, capture
     from modulart.core.io import Fingerprint, fingerprint, from_pretrained, push_to_hub
     from modulart.core.moe import MoE, find_moes
+    from modulart.core.moe_layouts import MoELayout, register_moe_layout
     from modulart.core.operator import (
         Handle,
         Operator,
@@ -77,9 +73,9 @@ _EXPORTS: dict[str, str] = {
     "MoE": "modulart.core.moe",
     "find_moes": "modulart.core.moe",
     "FFNLayout": "modulart.core.arch",
-    "MoELayout": "modulart.core.arch",
+    "MoELayout": "modulart.core.moe_layouts",
     "register_ffn_layout": "modulart.core.arch",
-    "register_moe_layout": "modulart.core.arch",
+    "register_moe_layout": "modulart.core.moe_layouts",
     # lifecycle
     "Operator": "modulart.core.operator",
     "OperatorConfig": "modulart.core.operator",

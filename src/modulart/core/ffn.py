@@ -38,18 +38,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from modulart.core.arch import (
-    FFN_LAYOUTS,
-    MOE_LAYOUTS,
-    FFNLayout,
-    block_position,
-    get_attr,
-    infer_ffn_layout,
-    infer_moe_layout,
-)
+from modulart.core.arch import FFN_LAYOUTS, FFNLayout, block_position, get_attr, infer_ffn_layout
 from modulart.core.errors import UnsupportedModuleError
 from modulart.core.hooks import HookSite
 from modulart.core.linear import LinearRef, is_linear_like
+from modulart.core.moe_layouts import MOE_LAYOUTS, infer_moe_layout
 from modulart.core.select import filter_by_selector
 
 __all__ = ["FFN", "adapter_help", "ffn_from_layout", "find_ffns"]

@@ -33,22 +33,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from modulart.core.arch import (
-    FFN_LAYOUTS,
-    GLU_VARIANTS,
-    MOE_LAYOUTS,
-    FFNLayout,
-    MoELayout,
-    ScoringKind,
-    block_position,
-    get_attr,
-    infer_ffn_layout,
-    infer_moe_layout,
-)
+from modulart.core.arch import FFN_LAYOUTS, FFNLayout, block_position, get_attr, infer_ffn_layout
 from modulart.core.errors import ShapeError, UnsupportedModuleError
 from modulart.core.ffn import FFN, adapter_help, ffn_from_layout
 from modulart.core.hooks import HookSite
 from modulart.core.linear import LinearRef
+from modulart.core.moe_layouts import GLU_VARIANTS, MOE_LAYOUTS, MoELayout, ScoringKind, infer_moe_layout
 from modulart.core.select import filter_by_selector
 
 __all__ = ["Expert", "MoE", "Routing", "ScoringRule", "find_moes"]
