@@ -30,11 +30,20 @@ from torch.utils.hooks import RemovableHandle
 from modulart.core.errors import HookError
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Iterator
 
     from modulart.core.hooks import HookRegistry
 
-__all__ = ["HOOK_KINDS", "MODULE_KINDS", "REGISTRY_LOCK", "HookHandle", "HookKind", "Priority", "dispatcher_for"]
+__all__ = [
+    "HOOK_KINDS",
+    "MODULE_KINDS",
+    "REGISTRY_LOCK",
+    "HookHandle",
+    "HookKind",
+    "Priority",
+    "dispatcher_for",
+    "suspended",
+]
 
 HookKind: TypeAlias = Literal[
     "forward",
@@ -59,6 +68,30 @@ class Priority(enum.IntEnum):
 
 _SEQ = itertools.count()
 REGISTRY_LOCK = threading.RLock()
+_SUSPENDED = threading.local()
+
+
+@contextlib.contextmanager
+def suspended() -> Iterator[None]:
+    """Within this block (in this thread), every modulart callback is skipped and not counted.
+
+    View verification uses it to run a block's *own* forward on a probe even when operators are
+    applied to it; nothing the operators count or record sees the probe.
+
+    Example:
+        >>> with suspended():
+        ...     pass
+    """
+    depth = getattr(_SUSPENDED, "depth", 0)
+    _SUSPENDED.depth = depth + 1
+    try:
+        yield
+    finally:
+        _SUSPENDED.depth = depth
+
+
+def _is_suspended() -> bool:
+    return bool(getattr(_SUSPENDED, "depth", 0))
 
 
 class HookHandle:
@@ -173,6 +206,8 @@ class _Dispatcher:
 
     # --- the torch-facing callbacks -----------------------------------------------------------
     def _run_forward(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> Any:
+        if _is_suspended():
+            return output
         for e in tuple(self.entries):
             if not e.enabled:
                 continue
@@ -185,6 +220,8 @@ class _Dispatcher:
     def _run_pre(
         self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
+        if _is_suspended():
+            return None
         changed = False
         for e in tuple(self.entries):
             if not e.enabled:
@@ -208,6 +245,8 @@ class _Dispatcher:
         return (args, kwargs) if changed else None
 
     def _run_grad(self, grad: torch.Tensor) -> torch.Tensor | None:
+        if _is_suspended():
+            return None
         changed = False
         for e in tuple(self.entries):
             if not e.enabled:
