@@ -62,7 +62,7 @@ def block_signature(module: nn.Module, layout: Hashable) -> tuple[object, ...]:
         for name, t in items
         if isinstance(t, torch.Tensor)
     )
-    attrs = []
+    attrs: list[tuple[str, object]] = []
     for path, m in module.named_modules():
         attrs.append((path, type(m)))
         for k, v in vars(m).items():
