@@ -368,12 +368,19 @@ def test_selector_typo_inside_a_union_is_reported() -> None:
 
 # --- unsupported models and user adapters -------------------------------------------------------
 class FunctionalMLP(nn.Module):
-    """An MLP with no activation module child: generic discovery cannot read it."""
+    """An MLP whose activation is written inline and is in no catalogue: discovery cannot name it."""
 
     def __init__(self, d: int = 8, f: int = 24) -> None:
         super().__init__()
         self.inp = nn.Linear(d, f)
         self.out = nn.Linear(f, d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(torch.sin(self.inp(x)))
+
+
+class InlineGeluMLP(FunctionalMLP):
+    """An activation written inline that the catalogue knows: found by data flow."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.out(F.gelu(self.inp(x)))
@@ -418,9 +425,20 @@ def test_unrecognised_mlp_is_named_as_candidate() -> None:
     assert "'inp'" in msg and "'out'" in msg
 
 
+def test_inline_catalogue_activation_is_found_by_data_flow() -> None:
+    fam = _net_family(InlineGeluMLP)
+    ffns = mt.find_ffns(fam.model)
+    assert [(f.path, f.source, f.activation_name) for f in ffns] == [
+        ("blocks.0", "discovered", "gelu"),
+        ("blocks.1", "discovered", "gelu"),
+    ]
+    for f in ffns:
+        assert_output_is_recomputed(fam, f)
+
+
 def test_registered_layout_makes_an_unknown_mlp_work(registered: Any) -> None:
     fam = _net_family()
-    registered(FunctionalMLP, mt.FFNLayout(key="inp", value="out", activation=F.gelu))
+    registered(FunctionalMLP, mt.FFNLayout(key="inp", value="out", activation=torch.sin))
     ffns = mt.find_ffns(fam.model)
     assert [(f.path, f.layer, f.d_model, f.d_ff, f.gated) for f in ffns] == [
         ("blocks.0", 0, 8, 24, False),
@@ -437,7 +455,7 @@ def test_registered_layout_applies_to_subclasses(registered: Any) -> None:
     fam = _net_family(SubFunctionalMLP)
     with pytest.raises(mt.UnsupportedModuleError):
         mt.find_ffns(fam.model)
-    registered(FunctionalMLP, mt.FFNLayout(key="inp", value="out", activation=F.gelu))
+    registered(FunctionalMLP, mt.FFNLayout(key="inp", value="out", activation=torch.sin))
     ffns = mt.find_ffns(fam.model)
     assert [type(f.module) for f in ffns] == [SubFunctionalMLP, SubFunctionalMLP]
     assert_output_is_recomputed(fam, ffns[1])
@@ -445,12 +463,12 @@ def test_registered_layout_applies_to_subclasses(registered: Any) -> None:
 
 def test_layout_can_be_registered_by_class_name(registered: Any) -> None:
     fam = _net_family()
-    registered("FunctionalMLP", mt.FFNLayout(key="inp", value="out", activation=F.gelu))
+    registered("FunctionalMLP", mt.FFNLayout(key="inp", value="out", activation=torch.sin))
     assert len(mt.find_ffns(fam.model)) == 2
 
 
 def test_layout_pointing_to_a_missing_attribute_is_reported(registered: Any) -> None:
-    registered(FunctionalMLP, mt.FFNLayout(key="fc_in", value="out", activation=F.gelu))
+    registered(FunctionalMLP, mt.FFNLayout(key="fc_in", value="out", activation=torch.sin))
     with pytest.raises(mt.UnsupportedModuleError, match="fc_in"):
         mt.find_ffns(_net_family().model)
 
@@ -505,8 +523,10 @@ def test_include_shared_experts_never_returns_routed_experts() -> None:
     )
     mt.register_moe_layout(ListMoE, layout)
     try:
-        assert [m.path for m in mt.find_moes(model)] == ["0", "1"]
-        assert mt.find_ffns(model, strict=False) == []
-        assert [f.path for f in mt.find_ffns(model, include_shared_experts=True)] == ["0.shared", "1.shared"]
+        # the blocks have no forward: this checks structure only, so verification is switched off
+        assert [m.path for m in mt.find_moes(model, verify=False)] == ["0", "1"]
+        assert mt.find_ffns(model, strict=False, verify=False) == []
+        shared = mt.find_ffns(model, include_shared_experts=True, verify=False)
+        assert [f.path for f in shared] == ["0.shared", "1.shared"]
     finally:
         MOE_LAYOUTS.unregister(ListMoE)

@@ -204,7 +204,8 @@ def test_save_load_round_trip_and_fingerprint(
 
 
 # --- other families -------------------------------------------------------------------------------
-@pytest.mark.parametrize("name", ["gpt2", "llama", "plain"])
+# opt flattens tokens to [batch * seq, d] before its FFN: the patcher once indexed that as [batch, d]
+@pytest.mark.parametrize("name", ["gpt2", "llama", "plain", "opt"])
 def test_generation_edit_on_each_family(name: str) -> None:
     s = setup_for(name)
     before = outputs(s)

@@ -52,7 +52,9 @@ if TYPE_CHECKING:
         get_operator,
         register_operator,
     )
+    from modulart.core.probe import set_probe_inputs
     from modulart.core.select import LayerSpec, Selector, as_selector, select_layers
+    from modulart.core.verify import clear_verification_cache
 
 _EXPORTS: dict[str, str] = {
     # hooks
@@ -76,6 +78,8 @@ _EXPORTS: dict[str, str] = {
     "MoELayout": "modulart.core.moe_layouts",
     "register_ffn_layout": "modulart.core.arch",
     "register_moe_layout": "modulart.core.moe_layouts",
+    "set_probe_inputs": "modulart.core.probe",
+    "clear_verification_cache": "modulart.core.verify",
     # lifecycle
     "Operator": "modulart.core.operator",
     "OperatorConfig": "modulart.core.operator",
@@ -131,6 +135,7 @@ __all__ = [
     "as_selector",
     "available_operators",
     "capture",
+    "clear_verification_cache",
     "find_ffns",
     "find_moes",
     "fingerprint",
@@ -141,6 +146,7 @@ __all__ = [
     "register_moe_layout",
     "register_operator",
     "select_layers",
+    "set_probe_inputs",
 ]
 assert set(__all__) == {"__version__", *_EXPORTS}
 

@@ -31,11 +31,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Generic, TypeAlias, TypeVar
+from typing import Any, Generic, Literal, TypeAlias, TypeVar
 
 import torch
 from torch import nn
 
+from modulart.core.errors import ConfigError
 from modulart.core.linear import LinearRef, is_linear_like
 
 __all__ = [
@@ -125,6 +126,13 @@ class FFNLayout:
         up: the up projection of a gated FFN (``h = σ(gate·x) ⊙ (up·x)``), else None.
         input: attribute path of the module whose forward's first argument is the FFN input
             (default: the block itself when gated, the key projection otherwise).
+        fused_gate_up: ``key`` is one layer ``[2·d_ff, d_model]`` holding both the gate and the up
+            projection: ``"gate_first"`` (rows ``[:d_ff]`` are the gate, Phi-3 / GLM-4),
+            ``"up_first"`` (timm's ``GluMlp``: ``x1 * act(x2)``), or None (``up`` is separate).
+
+    Example:
+        >>> FFNLayout(key="gate_up_proj", value="down_proj", activation="act", fused_gate_up="gate_first").gated
+        True
     """
 
     key: str
@@ -132,6 +140,20 @@ class FFNLayout:
     activation: str | Activation
     up: str | None = None
     input: str | None = None
+    fused_gate_up: Literal["gate_first", "up_first"] | None = None
+
+    def __post_init__(self) -> None:
+        if self.fused_gate_up is not None and self.up is not None:
+            raise ConfigError("FFNLayout: give either up= (a separate up projection) or fused_gate_up=, not both")
+        if self.fused_gate_up not in (None, "gate_first", "up_first"):
+            raise ConfigError(
+                f"FFNLayout.fused_gate_up must be 'gate_first', 'up_first' or None, got {self.fused_gate_up!r}"
+            )
+
+    @property
+    def gated(self) -> bool:
+        """Whether the layout describes a gated FFN (separate or fused up projection)."""
+        return self.up is not None or self.fused_gate_up is not None
 
 
 _GATED = FFNLayout(key="gate_proj", up="up_proj", value="down_proj", activation="act_fn")

@@ -31,6 +31,7 @@ Example:
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -38,14 +39,22 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from modulart.core.activations import identify_activation
 from modulart.core.arch import FFN_LAYOUTS, FFNLayout, block_position, get_attr, infer_ffn_layout
 from modulart.core.errors import UnsupportedModuleError
+from modulart.core.ffn_discovery import discover_ffns
+from modulart.core.ffn_verify import ProbeInputs, verify_ffn
 from modulart.core.hooks import HookSite
 from modulart.core.linear import LinearRef, is_linear_like
-from modulart.core.moe_layouts import MOE_LAYOUTS, infer_moe_layout
+from modulart.core.moe_layouts import moe_block_parts
 from modulart.core.select import filter_by_selector
+from modulart.core.verify import Verification
 
-__all__ = ["FFN", "adapter_help", "ffn_from_layout", "find_ffns"]
+__all__ = ["FFN", "UnprobedBlockWarning", "adapter_help", "ffn_from_layout", "find_ffns"]
+
+
+class UnprobedBlockWarning(UserWarning):
+    """Some blocks could not be probed (``find_ffns(strict=False)`` goes on without them)."""
 
 
 class FFN:
@@ -63,11 +72,33 @@ class FFN:
     """
 
     def __init__(
-        self, path: str, module: nn.Module, layout: FFNLayout, *, layer: int | None = None, stack: str | None = None
+        self,
+        path: str,
+        module: nn.Module,
+        layout: FFNLayout,
+        *,
+        layer: int | None = None,
+        stack: str | None = None,
+        source: str = "explicit",
     ) -> None:
         self.path, self.module, self.layout, self.layer, self.stack = path, module, layout, layer, stack
-        self.key_proj = self._linear(layout.key)
-        self.up_proj = self._linear(layout.up) if layout.up is not None else None
+        self.source = source
+        self.verification: Verification | None = None
+        if layout.fused_gate_up is not None:
+            fused = self._linear(layout.key)
+            if fused.out_features % 2:
+                raise UnsupportedModuleError(
+                    f"{fused.path!r}: a fused gate/up layer needs an even number of output rows, "
+                    f"got {fused.out_features}"
+                )
+            half = fused.out_features // 2
+            first, second = slice(0, half), slice(half, 2 * half)
+            gate_rows, up_rows = (first, second) if layout.fused_gate_up == "gate_first" else (second, first)
+            self.key_proj = LinearRef(fused.module, fused.path, rows=gate_rows)
+            self.up_proj: LinearRef | None = LinearRef(fused.module, fused.path, rows=up_rows)
+        else:
+            self.key_proj = self._linear(layout.key)
+            self.up_proj = self._linear(layout.up) if layout.up is not None else None
         self.value_proj = self._linear(layout.value)
         act = layout.activation
         self.activation: Callable[[torch.Tensor], torch.Tensor] = (
@@ -85,7 +116,7 @@ class FFN:
         if layout.input is not None:
             inp = self._attr(layout.input, "input")
             self.input_site = HookSite(inp, _join(path, layout.input), "forward_pre")
-        elif self.up_proj is not None:
+        elif layout.up is not None:
             self.input_site = HookSite(module, path, "forward_pre")
         else:
             self.input_site = HookSite(self.key_proj.module, self.key_proj.path, "forward_pre")
@@ -113,6 +144,16 @@ class FFN:
     @property
     def gated(self) -> bool:
         return self.up_proj is not None
+
+    @property
+    def fused(self) -> bool:
+        """Whether gate and up share one stored layer (``keys`` and ``up`` are row blocks of it)."""
+        return self.key_proj.is_partial
+
+    @property
+    def activation_name(self) -> str | None:
+        """The catalogue name of what the activation computes (``"gelu_tanh"``...), or None."""
+        return identify_activation(self.activation, self.keys)
 
     @property
     def d_model(self) -> int:
@@ -184,17 +225,21 @@ class FFN:
         return F.linear(self.hidden(q), self.values, self.value_bias)
 
     def parameters(self) -> dict[str, torch.Tensor]:
-        """The FFN's own stored parameters by role: ``key``, ``up``, ``value`` (+ ``*_bias``)."""
+        """The FFN's own stored parameters by role: ``key``, ``up``, ``value`` (+ ``*_bias``).
+
+        For a fused gate/up layer, ``key`` is the fused parameter (``up`` is the same tensor).
+        """
         out: dict[str, torch.Tensor] = {"key": self.key_proj.param, "value": self.value_proj.param}
-        if self.up_proj is not None:
+        if self.up_proj is not None and not self.fused:
             out["up"] = self.up_proj.param
         for role, ref in (("key", self.key_proj), ("up", self.up_proj), ("value", self.value_proj)):
-            if ref is not None and ref.bias is not None:
-                out[f"{role}_bias"] = ref.bias
+            bias = getattr(ref.module, "bias", None) if ref is not None else None
+            if isinstance(bias, torch.Tensor) and not (role == "up" and self.fused):
+                out[f"{role}_bias"] = bias
         return out
 
     def __repr__(self) -> str:
-        kind = "gated" if self.gated else "plain"
+        kind = ("fused-gated" if self.fused else "gated") if self.gated else "plain"
         return (
             f"FFN({self.path!r}, {type(self.module).__name__}, {kind}, d_model={self.d_model}, "
             f"d_ff={self.d_ff}, layer={self.layer})"
@@ -205,70 +250,147 @@ def _join(a: str, b: str) -> str:
     return ".".join(p for p in (a, b) if p)
 
 
-def ffn_from_layout(model: nn.Module, path: str, layout: FFNLayout) -> FFN:
-    """Build the view of the block at ``path`` with an explicit layout (validated)."""
+def ffn_from_layout(
+    model: nn.Module,
+    path: str,
+    layout: FFNLayout,
+    *,
+    verify: bool = True,
+    source: str = "explicit",
+    probe_inputs: ProbeInputs | None = None,
+) -> FFN:
+    """Build the view of the block at ``path`` with an explicit layout, verified against the block.
+
+    Raises:
+        UnsupportedModuleError: the layout does not fit the block, or (``verify=True``) the view
+            does not recompute what the block computes (the message gives the measured error).
+    """
     module = model.get_submodule(path)
     stack, layer = block_position(model, path)
-    return FFN(path, module, layout, layer=layer, stack=stack)
-
-
-def _moe_paths(model: nn.Module) -> list[str]:
-    return [
-        p
-        for p, m in model.named_modules()
-        if MOE_LAYOUTS.lookup(type(m)) is not None or infer_moe_layout(m) is not None
-    ]
+    view = FFN(path, module, layout, layer=layer, stack=stack, source=source)
+    if verify:
+        check = verify_ffn(view, model, probe_inputs)
+        if not check.ok:
+            raise UnsupportedModuleError(
+                f"{path!r} ({type(module).__name__}): the {source} layout {layout} does not reproduce "
+                f"the block: {check.detail}. modulart hands out no view that computes something else "
+                "than the model; fix or register the layout, or pass verify=False if you know better.\n"
+                + adapter_help("ffn")
+            )
+        view.verification = check
+    return view
 
 
 def find_ffns(
-    model: nn.Module, selector: Any = None, *, strict: bool = True, include_shared_experts: bool = False
+    model: nn.Module,
+    selector: Any = None,
+    *,
+    strict: bool = True,
+    include_shared_experts: bool = False,
+    verify: bool = True,
+    probe_inputs: ProbeInputs | None = None,
 ) -> list[FFN]:
-    """Every dense feed-forward block of ``model``, in depth (module-definition) order.
+    """Every dense feed-forward block of ``model``, in depth (module-definition) order, verified.
 
-    Blocks are recognised through :data:`~modulart.core.arch.FFN_LAYOUTS` (walked along the MRO)
-    and, failing that, generic discovery. Experts inside MoE blocks are not dense FFNs and are left
-    out (shared experts are included with ``include_shared_experts=True``).
+    Blocks are recognised through :data:`~modulart.core.arch.FFN_LAYOUTS` (the fast path for known
+    classes, walked along the MRO) and otherwise by data flow
+    (:func:`~modulart.core.ffn_discovery.discover_ffns`): any pair of linear layers whose recorded
+    values show ``h = σ(A·q)`` (or a gated / fused-gated form) between them, whatever the classes,
+    the child order or the activation (a module of any class or a function). Every view is checked
+    against the block's own forward on a probe before it is returned (cached per block type):
+    a view that does not recompute what the block computes is never handed out. Routed experts of
+    MoE blocks are not dense FFNs and are left out (shared experts are included with
+    ``include_shared_experts=True``).
 
     Args:
         model: any ``nn.Module``.
         selector: optionally keep only blocks whose path it selects (see :func:`as_selector`).
         strict: raise :class:`UnsupportedModuleError` when nothing is found.
         include_shared_experts: also return the shared experts of MoE blocks.
+        verify: check every table view against the block, and find the rest by data flow
+            (``False``: no probe at all — the table and a structural guess from the children's
+            names and shapes are trusted; for models that cannot run, e.g. on the meta device).
+        probe_inputs: keyword inputs for a whole-model forward, used to probe blocks that cannot be
+            called on a hidden-state tensor alone (Hugging Face models get them from their config).
 
     Returns:
         The FFN views, outermost first, in the order modules are defined.
+
+    Raises:
+        UnsupportedModuleError: a table layout that does not reproduce its block, a block that may
+            hold an FFN but cannot be probed (``strict``; otherwise :class:`UnprobedBlockWarning`),
+            or no FFN found.
     """
-    moe = _moe_paths(model)
+    skip_roots = _moe_exclusions(model, include_shared_experts)
     found: list[FFN] = []
     claimed: list[str] = []
+
+    def skipped(path: str) -> bool:
+        return any(path == r or path.startswith(r + ".") or r == "" for r in (*skip_roots, *claimed))
+
     for path, module in model.named_modules():
-        if any(path.startswith(c + ".") for c in claimed):
+        layout = FFN_LAYOUTS.lookup(type(module))
+        source = "table"
+        if layout is None and not verify:  # no probe at all: the structural guess, trusted
+            layout, source = infer_ffn_layout(module), "guessed"
+        if layout is None or skipped(path):
             continue
-        if path in moe:
-            continue
-        enclosing = [m for m in moe if m == "" or path.startswith(m + ".")]
-        if enclosing and (not include_shared_experts or _is_routed_expert(model, path, enclosing[-1])):
-            continue
-        layout = FFN_LAYOUTS.lookup(type(module)) or infer_ffn_layout(module)
-        if layout is None:
-            continue
-        found.append(ffn_from_layout(model, path, layout))
+        found.append(ffn_from_layout(model, path, layout, verify=verify, source=source, probe_inputs=probe_inputs))
         claimed.append(path)
+    notes: list[str] = []
+    unprobed: list[str] = []
+    discovered = (
+        discover_ffns(model, skip=skipped, probe_inputs=probe_inputs, notes=notes, unprobed=unprobed) if verify else []
+    )
+    for d in discovered:
+        view = ffn_from_layout(model, d.path, d.layout, verify=False, source="discovered")
+        view.verification = d.verification
+        found.append(view)
+    if unprobed:
+        msg = (
+            f"{len(unprobed)} block(s) of {type(model).__name__} may hold feed-forward layers but could not be "
+            "probed, so whether they do is unknown:\n"
+            + "".join(f"  - {u}\n" for u in unprobed[:8])
+            + "Tell modulart how to call the model once, e.g. mt.set_probe_inputs(model, {'input_ids': ids}) "
+            "(or pass probe_inputs= to find_ffns)."
+        )
+        if strict:
+            raise UnsupportedModuleError(msg)
+        warnings.warn(msg, UnprobedBlockWarning, stacklevel=2)
+    order = {p: i for i, (p, _) in enumerate(model.named_modules())}
+    found.sort(key=lambda f: order[f.path])
     if selector is not None:
         found = filter_by_selector(found, selector, model, strict=strict, what="FFNs")
     if not found and strict:
-        raise UnsupportedModuleError(_no_ffn_message(model))
+        raise UnsupportedModuleError(_no_ffn_message(model, notes))
     return found
 
 
-def _is_routed_expert(model: nn.Module, path: str, moe_path: str) -> bool:
-    block = model.get_submodule(moe_path)
-    layout = MOE_LAYOUTS.lookup(type(block)) or infer_moe_layout(block)
-    experts = _join(moe_path, layout.experts if layout is not None else "experts")
-    return path == experts or path.startswith(experts + ".")
+def _moe_exclusions(model: nn.Module, include_shared_experts: bool) -> list[str]:
+    """Paths whose subtrees hold no dense FFN: routed experts and routers of MoE blocks (and the
+    whole MoE block unless shared experts are wanted)."""
+    out: list[str] = []
+    for path, parts in moe_block_parts(model).items():
+        if include_shared_experts:
+            out.extend((*parts.experts, *((parts.router,) if parts.router else ())))
+        else:
+            out.extend((path, *_sibling_shared_experts(model, path)))
+    return out
 
 
-def _no_ffn_message(model: nn.Module) -> str:
+def _sibling_shared_experts(model: nn.Module, moe_path: str) -> list[str]:
+    """Shared experts kept next to their MoE block rather than inside it (GraniteMoE-shared's
+    ``shared_mlp`` beside ``block_sparse_moe``): siblings whose name says ``shared``."""
+    parent, _, _ = moe_path.rpartition(".")
+    if not moe_path:
+        return []
+    holder = model.get_submodule(parent)
+    return [
+        _join(parent, n) for n, c in holder.named_children() if "shared" in n.lower() and _join(parent, n) != moe_path
+    ]
+
+
+def _no_ffn_message(model: nn.Module, notes: list[str]) -> str:
     candidates = []
     for path, m in model.named_modules():
         lin = [(n, tuple(c.weight.shape)) for n, c in m.named_children() if is_linear_like(c)]
@@ -276,7 +398,11 @@ def _no_ffn_message(model: nn.Module) -> str:
         if len(lin) >= 2 or any(k in name for k in ("mlp", "ffn", "feedforward", "feed_forward")):
             candidates.append(f"  - {path or '<root>'} ({type(m).__name__}): linear children {lin[:4]}")
     shown = "\n".join(candidates[:10]) or "  (no module with two or more linear children)"
-    return f"found no feed-forward block in {type(model).__name__}. Candidates seen:\n{shown}\n" + adapter_help("ffn")
+    probed = "".join(f"  - {n}\n" for n in dict.fromkeys(notes))
+    probed = f"Probed and rejected:\n{probed}" if probed else ""
+    return f"found no feed-forward block in {type(model).__name__}. Candidates seen:\n{shown}\n{probed}" + adapter_help(
+        "ffn"
+    )
 
 
 def adapter_help(kind: str) -> str:

@@ -5,6 +5,9 @@ stores the transpose ``[in, out]``. :class:`LinearRef` hides the difference: ``w
 *view* of the stored parameter in ``[out, in]`` orientation, so in-place edits through it change the
 model, and :meth:`LinearRef.set_weight` copies a canonical tensor back whatever the storage.
 
+A reference can also cover a block of output rows of one layer (``rows``): the gate and the up
+halves of a fused ``gate_up_proj [2·d_ff, d_model]`` are two :class:`LinearRef` over the same module.
+
 Example:
     >>> import torch
     >>> from modulart.core.linear import LinearRef
@@ -44,11 +47,19 @@ class LinearRef:
     Args:
         module: an ``nn.Linear`` or HF ``Conv1D``.
         path: its dotted path in the model (for messages).
+        rows: only these output rows of the layer (``slice(start, stop)``, step 1 or 2), or None for all.
+
+    Example:
+        >>> import torch
+        >>> fused = torch.nn.Linear(3, 8)
+        >>> up = LinearRef(fused, "gate_up", rows=slice(4, 8))
+        >>> tuple(up.weight.shape), up.is_partial, torch.equal(up(torch.ones(3)), fused(torch.ones(3))[4:])
+        ((4, 3), True, True)
     """
 
-    __slots__ = ("module", "path", "transposed")
+    __slots__ = ("module", "path", "rows", "transposed")
 
-    def __init__(self, module: nn.Module, path: str) -> None:
+    def __init__(self, module: nn.Module, path: str, rows: slice | None = None) -> None:
         if not is_linear_like(module):
             raise UnsupportedModuleError(
                 f"{path!r} is a {type(module).__name__}; expected nn.Linear or a Hugging Face Conv1D"
@@ -59,6 +70,17 @@ class LinearRef:
         self.module = module
         self.path = path
         self.transposed = is_conv1d(module)
+        self.rows = rows
+        if rows is not None:
+            n = int(w.shape[1] if self.transposed else w.shape[0])
+            start, stop, step = rows.indices(n)
+            if step not in (1, 2) or stop <= start:
+                raise UnsupportedModuleError(f"{path!r}: bad row block {rows} of a layer with {n} output rows")
+
+    @property
+    def is_partial(self) -> bool:
+        """Whether this reference covers only some output rows of its layer (fused projections)."""
+        return self.rows is not None
 
     @property
     def param(self) -> torch.Tensor:
@@ -69,14 +91,17 @@ class LinearRef:
 
     @property
     def weight(self) -> torch.Tensor:
-        """``[out_features, in_features]`` view of the stored weight."""
-        return self.param.t() if self.transposed else self.param
+        """``[out_features, in_features]`` view of the stored weight (of the covered rows)."""
+        w = self.param.t() if self.transposed else self.param
+        return w if self.rows is None else w[self.rows]
 
     @property
     def bias(self) -> torch.Tensor | None:
-        """``[out_features]`` bias, or None."""
+        """``[out_features]`` bias (of the covered rows), or None."""
         b = getattr(self.module, "bias", None)
-        return b if isinstance(b, torch.Tensor) else None
+        if not isinstance(b, torch.Tensor):
+            return None
+        return b if self.rows is None else b[self.rows]
 
     @property
     def in_features(self) -> int:
@@ -102,7 +127,8 @@ class LinearRef:
 
     def __repr__(self) -> str:
         kind = "Conv1D" if self.transposed else type(self.module).__name__
-        return f"LinearRef({self.path!r}, {kind}, {self.in_features}->{self.out_features})"
+        part = "" if self.rows is None else f", rows {self.rows.start}:{self.rows.stop}:{self.rows.step or 1}"
+        return f"LinearRef({self.path!r}, {kind}, {self.in_features}->{self.out_features}{part})"
 
 
 def _copy_into(dst: torch.Tensor, value: torch.Tensor, what: str) -> None:

@@ -23,6 +23,8 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import itertools
+import weakref
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -41,6 +43,7 @@ __all__ = [
     "probe_input",
     "quiet",
     "relative_error",
+    "set_probe_inputs",
     "tolerance",
     "trace",
 ]
@@ -51,11 +54,13 @@ PROBE_BATCH = 2
 
 @dataclass
 class Call:
-    """One recorded call of a tapped module (tensors detached and cloned)."""
+    """One recorded call of a tapped module (tensors detached and cloned); ``seq`` orders the
+    calls of all taps of one trace by when they returned."""
 
     args: tuple[Any, ...]
     kwargs: dict[str, Any]
     output: Any
+    seq: int = 0
 
 
 @dataclass
@@ -63,6 +68,10 @@ class Trace:
     """What each tapped module saw during one probe forward: ``calls[name]`` in call order."""
 
     calls: dict[str, list[Call]] = field(default_factory=dict)
+
+    def seq(self, name: str, call: int = 0) -> int:
+        """When call ``call`` of ``name`` returned, relative to the other tapped calls."""
+        return self._call(name, call).seq
 
     def fired(self, name: str) -> bool:
         """Whether the tapped module ``name`` was called at all."""
@@ -159,10 +168,11 @@ def trace(host: nn.Module, taps: Mapping[str, nn.Module], run: Callable[[], Any]
     """
     result = Trace({name: [] for name in taps})
     handles = []
+    order = itertools.count()
 
     def recorder(name: str) -> Callable[[nn.Module, tuple[Any, ...], dict[str, Any], Any], None]:
         def record(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
-            result.calls[name].append(Call(_detach(args), _detach(kwargs), _detach(output)))
+            result.calls[name].append(Call(_detach(args), _detach(kwargs), _detach(output), next(order)))
 
         return record
 
@@ -189,14 +199,39 @@ def probe_input(module: nn.Module, d_model: int, *, tokens: int = PROBE_TOKENS, 
     return torch.randn(PROBE_BATCH, tokens, d_model, generator=g).to(device=device, dtype=dtype)
 
 
-def model_probe_inputs(
-    model: nn.Module, *, tokens: int = PROBE_TOKENS, seed: int = 0
-) -> dict[str, torch.Tensor] | None:
-    """Inputs for a whole-model forward of a Hugging Face model (token ids or pixels), else None.
+_USER_INPUTS: weakref.WeakKeyDictionary[nn.Module, dict[str, Any]] = weakref.WeakKeyDictionary()
+
+
+def set_probe_inputs(model: nn.Module, inputs: Mapping[str, Any] | None) -> None:
+    """Tell modulart how to call ``model`` for a whole-model probe: ``model(**inputs)``.
+
+    Needed only for models that are not Hugging Face models and whose blocks cannot be called on
+    a hidden-state tensor alone (they need masks, memories, positions...). Every operator's
+    discovery then uses these inputs; ``None`` forgets them.
+
+    Example:
+        >>> import torch
+        >>> model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 4))
+        >>> set_probe_inputs(model, {"input": torch.randn(2, 4)})
+        >>> sorted(model_probe_inputs(model))
+        ['input']
+    """
+    if inputs is None:
+        _USER_INPUTS.pop(model, None)
+    else:
+        _USER_INPUTS[model] = dict(inputs)
+
+
+def model_probe_inputs(model: nn.Module, *, tokens: int = PROBE_TOKENS, seed: int = 0) -> dict[str, Any] | None:
+    """Inputs for a whole-model forward: those given to :func:`set_probe_inputs`, else token ids
+    or pixels for a Hugging Face model (from its config), else None.
 
     Used when a block cannot be called on its own (it needs position embeddings, masks ...): the
     probe then runs the model itself and records the block's parts on the way.
     """
+    given = _USER_INPUTS.get(model)
+    if given is not None:
+        return given
     config = getattr(model, "config", None)
     main = getattr(model, "main_input_name", None)
     if config is None or not isinstance(main, str):
@@ -209,7 +244,7 @@ def model_probe_inputs(
         if vocab <= 1:
             return None
         ids = torch.randint(1, vocab, (1, tokens), generator=g).to(device)
-        out = {"input_ids": ids}
+        out: dict[str, Any] = {"input_ids": ids}
         if getattr(config, "is_encoder_decoder", False):
             out["decoder_input_ids"] = ids[:, : max(1, tokens // 2)]
         return out

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-__all__ = ["Verification", "block_signature", "cached_verification", "clear_verification_cache"]
+__all__ = ["Verification", "block_signature", "cached_verification", "clear_verification_cache", "on_clear"]
 
 # per-layer position attributes: they differ between otherwise identical blocks
 _POSITION_ATTRS = frozenset({"layer_idx", "layer_id", "layer_index", "layer_number", "layer_num", "idx"})
@@ -46,12 +46,15 @@ class Verification:
         error: the measured relative error (``max |view - block| / max |block|``).
         tolerance: the bound for the block's dtype.
         detail: what was compared, or why it failed (shown in errors).
+        probed: a probe forward ran (False: the block could not be probed; such outcomes are not
+            cached, since other probe inputs may reach it).
     """
 
     ok: bool
     error: float
     tolerance: float
     detail: str = ""
+    probed: bool = True
 
 
 def block_signature(module: nn.Module, layout: Hashable) -> tuple[object, ...]:
@@ -80,13 +83,16 @@ _lock = threading.Lock()
 
 
 def cached_verification(key: tuple[object, ...], compute: Callable[[], Verification]) -> Verification:
-    """``compute()`` once per ``key`` (least recently used entries are dropped past 4096)."""
+    """``compute()`` once per ``key`` (least recently used entries are dropped past 4096; outcomes
+    with ``probed=False`` are not kept)."""
     with _lock:
         hit = _cache.get(key)
         if hit is not None:
             _cache.move_to_end(key)
             return hit
     result = compute()
+    if not result.probed:
+        return result
     with _lock:
         _cache[key] = result
         while len(_cache) > _CACHE_SIZE:
@@ -94,11 +100,21 @@ def cached_verification(key: tuple[object, ...], compute: Callable[[], Verificat
     return result
 
 
+_clearers: list[Callable[[], None]] = []
+
+
+def on_clear(fn: Callable[[], None]) -> None:
+    """Have :func:`clear_verification_cache` also call ``fn`` (for other caches of probe results)."""
+    _clearers.append(fn)
+
+
 def clear_verification_cache() -> None:
-    """Forget every cached verification (the next discovery probes again).
+    """Forget every cached verification and discovery (the next discovery probes again).
 
     Example:
         >>> clear_verification_cache()
     """
     with _lock:
         _cache.clear()
+    for fn in _clearers:
+        fn()

@@ -31,13 +31,14 @@ from modulart.core.errors import ShapeError, UnsupportedModuleError
 from modulart.core.ffn import FFN, find_ffns
 from modulart.core.moe import MoE, find_moes
 from modulart.emoe.routing import ExpertGroups
+from modulart.introspect.members import ffn_matrices, moe_members
 from modulart.introspect.sources import LayerReader, Member, TensorReader, WeightSource, memory_reader
 
 __all__ = ["ModelSource", "dense_members", "ffn_tensors"]
 
 
 def ffn_tensors(ffn: FFN, what: str) -> dict[str, TensorReader]:
-    """The canonical matrices of a dense FFN view (``up`` only when gated).
+    """The canonical matrices of a dense FFN view (``up`` only when gated), as in-memory readers.
 
     Example:
         >>> import modulart as mt
@@ -45,10 +46,7 @@ def ffn_tensors(ffn: FFN, what: str) -> dict[str, TensorReader]:
         >>> {k: v.shape for k, v in ffn_tensors(ffn, "demo").items()}
         {'act': (8, 4), 'down': (4, 8)}
     """
-    out = {"act": memory_reader(ffn.keys, f"{what}.act"), "down": memory_reader(ffn.values, f"{what}.down")}
-    if ffn.up is not None:
-        out["up"] = memory_reader(ffn.up, f"{what}.up")
-    return out
+    return {k: memory_reader(t, f"{what}.{k}") for k, t in ffn_matrices(ffn).items()}
 
 
 class _DenseModel:
@@ -149,16 +147,12 @@ class ModelSource(WeightSource):
     def _moe_layer(self, moe: MoE) -> tuple[list[Member], dict[tuple[int, str], TensorReader], torch.Tensor, str]:
         members: list[Member] = []
         tensors: dict[tuple[int, str], TensorReader] = {}
-        for e in moe.experts():
-            m = len(members)
-            members.append(Member(f"e{e.index}", "expert"))
-            tensors[(m, "act")] = memory_reader(e.gate, f"{moe.path} expert {e.index} gate")
-            tensors[(m, "up")] = memory_reader(e.up, f"{moe.path} expert {e.index} up", (e.d_expert, moe.d_model))
-            tensors[(m, "down")] = memory_reader(e.down, f"{moe.path} expert {e.index} down", (moe.d_model, e.d_expert))
-        for i, f in enumerate(moe.shared_experts):
-            m = len(members)
-            members.append(Member(f"s{i}", "shared"))
-            tensors.update({(m, k): v for k, v in ffn_tensors(f, f.path).items()})
+        for m, (member, mats) in enumerate(moe_members(moe)):
+            members.append(member)
+            act = mats["act"]
+            for k, t in mats.items():
+                want = (act.shape[0], moe.d_model) if k != "down" else (moe.d_model, act.shape[0])
+                tensors[(m, k)] = memory_reader(t, f"{moe.path} {member.name} {k}", (int(want[0]), int(want[1])))
         return members, tensors, moe.router_weight, moe.path
 
     def _ffn_layer(

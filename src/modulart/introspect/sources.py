@@ -35,6 +35,7 @@ __all__ = [
     "MATRICES",
     "NEURON_AXIS",
     "Block",
+    "LayerPlan",
     "LayerReader",
     "Member",
     "TensorReader",
@@ -182,6 +183,22 @@ class LayerReader:
     def router(self) -> torch.Tensor | None:
         """``[E, d_model]`` router weight (fp32), or None."""
         return None if self._router is None else self._router.detach().float()
+
+
+@dataclass
+class LayerPlan:
+    """Everything needed to read one MoE layer of a checkpoint (validated before any data is read).
+
+    Attributes:
+        layer: block index; label: where it lives; members / tensors: as for :class:`LayerReader`;
+        router: the ``[E, d_model]`` router weight.
+    """
+
+    layer: int
+    label: str
+    members: list[Member]
+    tensors: dict[tuple[int, str], TensorReader]
+    router: TensorReader
 
 
 class WeightSource(ABC):

@@ -79,9 +79,16 @@ class LoRA(nn.Module):
         """Hook the base module so its output gets :meth:`delta` of its input."""
         module = self.ref.module
 
+        rows = self.ref.rows
+
         def hook(mod: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: torch.Tensor) -> torch.Tensor:
             x = args[0] if args else next(iter(kwargs.values()))
-            return output + self.delta(x, mod.training).to(output.dtype)
+            d = self.delta(x, mod.training).to(output.dtype)
+            if rows is None:
+                return output + d
+            out = output.clone()  # a row block of a fused layer (gate or up half): only those outputs move
+            out[..., rows] = out[..., rows] + d
+            return out
 
         return registry.forward(
             module, hook, with_kwargs=True, priority=Priority.INTERVENE, name=f"lora:{self.ref.path}"

@@ -32,7 +32,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from modulart.core.errors import ConfigError
+from modulart.core.errors import ConfigError, UnsupportedModuleError
 from modulart.core.ffn import FFN, find_ffns
 from modulart.core.linear import LinearRef
 from modulart.core.moe import MoE, find_moes
@@ -140,35 +140,52 @@ def _ffn_parts(ffn: FFN, block: str, prefix: str, config: KVConfig, names: dict[
         refs.append(("value", ffn.value_proj, False))
     out: list[Part] = []
     for role, ref, key_side in refs:
-        full = LinearRef(ref.module, _join(prefix, ref.path))
+        full = LinearRef(ref.module, _join(prefix, ref.path), rows=ref.rows)
         axis = int(key_side) ^ 1 ^ int(ref.transposed)  # canonical keys: rows (0); values: columns (1)
-        out.append(Part(block, role, names[id(ref.param)], ref.param, axis, ffn.d_ff, ref=full))
-        if config.train_biases and ref.bias is not None:
-            out.append(Part(block, f"{role}_bias", names[id(ref.bias)], ref.bias, 0 if key_side else None, ffn.d_ff))
+        # a fused gate/up layer holds two parts: its first and second half of rows
+        expand: Expand = "all" if ref.rows is None else "first_half" if ref.rows.start == 0 else "second_half"
+        out.append(Part(block, role, names[id(ref.param)], ref.param, axis, ffn.d_ff, expand, ref=full))
+        bias = getattr(ref.module, "bias", None)
+        if config.train_biases and isinstance(bias, torch.Tensor):
+            b_axis = 0 if key_side else None
+            out.append(
+                Part(block, f"{role}_bias", names[id(bias)], bias, b_axis, ffn.d_ff, expand if key_side else "all")
+            )
     return out
 
 
 def _fused_parts(moe: MoE, config: KVConfig, names: dict[int, str]) -> list[Part]:
-    ex = moe.experts_module
-    interleaved = moe.layout.storage != "fused"
-    gu, down = ex.gate_up_proj, ex.down_proj
-    gu_bias, down_bias = getattr(ex, "gate_up_proj_bias", None), getattr(ex, "down_proj_bias", None)
+    """Parts of fused 3-D expert tensors, following the view's description of their storage."""
+    spec = moe.fused_storage
+    if spec is None or spec.flat:
+        raise UnsupportedModuleError(
+            f"{moe.path!r}: KV tuning of flattened expert storage ([E·I, d] tensors) is not supported"
+        )
+    gu, down = spec.gate_up, spec.down
     d_ff = moe.d_expert
+    axis = 2 if spec.transposed else 1  # the neuron axis of gate/up
+    if spec.up is not None:  # gate and up are separate tensors
+        halves: dict[str, tuple[torch.Tensor, Expand]] = {"gate": (gu, "all"), "up": (spec.up, "all")}
+    elif spec.interleaved:
+        halves = {"gate": (gu, "odd" if spec.up_first else "even"), "up": (gu, "even" if spec.up_first else "odd")}
+    else:
+        halves = {
+            "gate": (gu, "second_half" if spec.up_first else "first_half"),
+            "up": (gu, "first_half" if spec.up_first else "second_half"),
+        }
     out: list[Part] = []
     if config.target in ("keys", "both"):
-        sides: list[tuple[str, Expand]] = []
-        if config.keys in ("gate", "both"):
-            sides.append(("gate", "even" if interleaved else "first_half"))
-        if config.keys in ("up", "both"):
-            sides.append(("up", "odd" if interleaved else "second_half"))
-        for role, expand in sides:
-            out.append(Part(moe.path, role, names[id(gu)], gu, 2 if interleaved else 1, d_ff, expand))
-            if config.train_biases and isinstance(gu_bias, torch.Tensor):
-                out.append(Part(moe.path, f"{role}_bias", names[id(gu_bias)], gu_bias, 1, d_ff, expand))
+        roles = [r for r in ("gate", "up") if config.keys in (r, "both")]
+        for role in roles:
+            tensor, expand = halves[role]
+            out.append(Part(moe.path, role, names[id(tensor)], tensor, axis, d_ff, expand))
+            bias = spec.gate_up_bias
+            if config.train_biases and isinstance(bias, torch.Tensor) and spec.up is None:
+                out.append(Part(moe.path, f"{role}_bias", names[id(bias)], bias, 1, d_ff, expand))
     if config.target in ("values", "both"):
-        out.append(Part(moe.path, "value", names[id(down)], down, 1 if interleaved else 2, d_ff))
-        if config.train_biases and isinstance(down_bias, torch.Tensor):
-            out.append(Part(moe.path, "value_bias", names[id(down_bias)], down_bias, None, d_ff))
+        out.append(Part(moe.path, "value", names[id(down)], down, 1 if spec.down_transposed else 2, d_ff))
+        if config.train_biases and isinstance(spec.down_bias, torch.Tensor):
+            out.append(Part(moe.path, "value_bias", names[id(spec.down_bias)], spec.down_bias, None, d_ff))
     return out
 
 

@@ -3,7 +3,9 @@
 Each optimizer step, every gated linear layer updates only the output units whose activations had
 the largest magnitude over the step's micro-batches; the other units' gradients are zeroed (and,
 with ``freeze_masked_rows``, their values restored after the step, so Adam moments and weight decay
-cannot move them either).
+cannot move them either). On MoE models the routers and every expert's gate / up / down
+projection are gated too, fused 3-D expert parameters included (per expert, over the tokens routed
+to it); trainable parameters left ungated are named in one :class:`MIGUCoverageWarning`.
 
 Example:
     >>> import torch, modulart.migu
@@ -17,6 +19,7 @@ Example:
 """
 
 from modulart.migu.config import MIGUConfig
+from modulart.migu.coverage import MIGUCoverageWarning
 from modulart.migu.operator import MIGU, MIGUHandle, Target, apply, find_targets
 from modulart.migu.stats import LayerStats, jaccard, keep_count, select_mask
 
@@ -24,6 +27,7 @@ __all__ = [
     "MIGU",
     "LayerStats",
     "MIGUConfig",
+    "MIGUCoverageWarning",
     "MIGUHandle",
     "Target",
     "apply",

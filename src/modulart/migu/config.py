@@ -47,7 +47,13 @@ class MIGUConfig(OperatorConfig):
     targets: Any = option(
         None,
         "None: every nn.Linear / HF Conv1D whose weight requires grad, except the LM head and layers tied to an "
-        "input embedding; else a Selector spec (as_selector); PEFT LoRA layers expand to their lora_A/lora_B",
+        "input embedding, plus (with moe) MoE routers and fused experts; else a Selector spec (as_selector) picking "
+        "linears, routers, fused experts modules or PEFT LoRA layers (expanded to their lora_A/lora_B)",
+    )
+    moe: bool = option(
+        True,
+        "with the default targets, also gate MoE routers (any class with an [E, d_model] weight) and the "
+        "per-expert gate/up/down units of fused 3-D expert parameters",
     )
     mask_bias: bool = option(True, "also zero the bias entries of masked units (the reference leaves bias alone)")
     skip_first_task: bool = option(False, "no masking until the first task_boundary() (statistics still recorded)")
@@ -60,7 +66,7 @@ class MIGUConfig(OperatorConfig):
         self.require(self.stat in STATS, "stat", f"must be one of {STATS}")
         self.require(self.select in SELECTS, "select", f"must be one of {SELECTS}")
         self.require(self.control in CONTROLS, "control", f"must be one of {CONTROLS}")
-        for name in ("freeze_masked_rows", "mask_bias", "skip_first_task"):
+        for name in ("freeze_masked_rows", "mask_bias", "skip_first_task", "moe"):
             self.require(isinstance(getattr(self, name), bool), name, "must be a bool")
         self.require(isinstance(self.seed, int) and not isinstance(self.seed, bool), "seed", "must be an int")
         t = self.targets

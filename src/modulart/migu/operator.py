@@ -13,140 +13,25 @@ Example:
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from modulart.core.errors import UnsupportedModuleError, UnsupportedOperationError
+from modulart.core.errors import UnsupportedOperationError
 from modulart.core.grad_mask import GradientMasker
 from modulart.core.hooks import Priority
-from modulart.core.linear import is_conv1d, is_linear_like
 from modulart.core.operator import Handle, Operator, OperatorConfig, Plan
-from modulart.core.select import as_selector
 from modulart.migu.config import MIGUConfig
+from modulart.migu.coverage import warn_ungated
+from modulart.migu.expert_group import ExpertGroup
+from modulart.migu.expert_mask import ExpertMasker
 from modulart.migu.stats import LayerStats, MaskHistory, UnitStats, random_mask, select_mask
+from modulart.migu.targets import Target, discover, find_targets
 
-__all__ = ["MIGU", "MIGUHandle", "Target", "apply", "find_targets"]
-
-
-@dataclass
-class Target:
-    """One gated layer: its weight, the output-unit axis of that weight (0, or 1 for Conv1D), its bias."""
-
-    path: str
-    module: nn.Module
-    weight: torch.Tensor
-    axis: int
-    bias: torch.Tensor | None
-
-    @property
-    def units(self) -> int:
-        return int(self.weight.shape[self.axis])
-
-
-def _roots(model: nn.Module) -> list[nn.Module]:
-    """The model and the modules it wraps (DDP / PEFT ``.module`` / ``.base_model``)."""
-    out, m = [model], model
-    for attr in ("module", "base_model", "model"):
-        inner = getattr(m, attr, None)
-        if isinstance(inner, nn.Module) and inner is not m:
-            out.append(inner)
-    return out
-
-
-def _lm_heads(model: nn.Module) -> set[int]:
-    heads: set[int] = set()
-    for root in _roots(model):
-        get = getattr(root, "get_output_embeddings", None)
-        if callable(get):
-            try:
-                head = get()
-            except (NotImplementedError, AttributeError):
-                head = None
-            if isinstance(head, nn.Module):
-                heads.add(id(head))
-    return heads
-
-
-def _embedding_weights(model: nn.Module) -> set[int]:
-    return {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)} | {
-        m.weight.data_ptr() for m in model.modules() if isinstance(m, nn.Embedding)
-    }
-
-
-def _is_tied(weight: torch.Tensor, embeddings: set[int]) -> bool:
-    return id(weight) in embeddings or weight.data_ptr() in embeddings
-
-
-def _target(path: str, module: nn.Module) -> Target:
-    weight = module.weight
-    assert isinstance(weight, torch.Tensor)
-    if weight.dim() != 2:
-        raise UnsupportedModuleError(f"{path!r}: expected a 2-D weight, got shape {tuple(weight.shape)}")
-    bias = getattr(module, "bias", None)
-    return Target(path, module, weight, 1 if is_conv1d(module) else 0, bias if isinstance(bias, torch.Tensor) else None)
-
-
-def _lora_parts(path: str, module: nn.Module) -> list[Target] | None:
-    """PEFT-style LoRA layer (``lora_A`` / ``lora_B`` ModuleDicts): one target per adapter matrix."""
-    a, b = getattr(module, "lora_A", None), getattr(module, "lora_B", None)
-    if not (isinstance(a, nn.ModuleDict) and isinstance(b, nn.ModuleDict)):
-        return None
-    out = []
-    for side, parts in (("lora_A", a), ("lora_B", b)):
-        for key, sub in parts.items():
-            if not is_linear_like(sub):
-                raise UnsupportedModuleError(f"{path}.{side}.{key} is a {type(sub).__name__}; expected nn.Linear")
-            out.append(_target(f"{path}.{side}.{key}", sub))
-    return out
-
-
-def find_targets(model: nn.Module, targets: Any = None) -> list[Target]:
-    """The layers MIGU gates (see ``MIGUConfig.targets``), in model order, each weight once.
-
-    Default: every ``nn.Linear`` / HF ``Conv1D`` whose weight requires grad, except the LM head
-    (``lm_head`` or ``get_output_embeddings()``) and layers whose weight is an ``nn.Embedding``
-    weight. A user selector may pick linears (tied ones warn) or PEFT LoRA layers (expanded to
-    their ``lora_A`` / ``lora_B`` linears); anything else raises :class:`UnsupportedModuleError`.
-    """
-    heads, embeddings = _lm_heads(model), _embedding_weights(model)
-    found: list[Target] = []
-    if targets is None:
-        for path, m in model.named_modules():
-            if not path or not is_linear_like(m) or not m.weight.requires_grad:
-                continue
-            if id(m) in heads or path.rsplit(".", 1)[-1] == "lm_head" or _is_tied(m.weight, embeddings):
-                continue
-            found.append(_target(path, m))
-    else:
-        for path, m in as_selector(targets).select(model):
-            lora = _lora_parts(path, m)
-            if lora is not None:
-                found.extend(lora)
-                continue
-            if not is_linear_like(m):
-                raise UnsupportedModuleError(
-                    f"MIGUConfig.targets selects {path!r}, a {type(m).__name__}; expected nn.Linear, a HF Conv1D "
-                    "or a PEFT LoRA layer (lora_A / lora_B ModuleDicts)"
-                )
-            if _is_tied(_target(path, m).weight, embeddings):
-                warnings.warn(
-                    f"MIGU: {path!r} shares its weight with an input embedding; masking its rows also masks "
-                    "embedding rows",
-                    UserWarning,
-                    stacklevel=3,
-                )
-            found.append(_target(path, m))
-    unique: dict[int, Target] = {}
-    for t in found:
-        unique.setdefault(id(t.weight), t)
-    if not unique:
-        raise UnsupportedModuleError(f"MIGU found no trainable linear layer to gate in {type(model).__name__}")
-    return list(unique.values())
+__all__ = ["MIGU", "MIGUHandle", "Target", "apply", "find_targets"]  # Target, find_targets: from .targets
 
 
 def _unwrap(optimizer: Any) -> torch.optim.Optimizer:
@@ -170,7 +55,9 @@ class MIGUHandle(Handle):
     """A live MIGU application: statistics hooks, the step-boundary mask, overlap reports."""
 
     layers: dict[str, _Layer]
+    expert_groups: dict[str, ExpertGroup]
     masker: GradientMasker | None = None
+    expert_masker: ExpertMasker | None = None
     optimizer: torch.optim.Optimizer | None = None
 
     def _init_state(self) -> None:
@@ -178,6 +65,7 @@ class MIGUHandle(Handle):
         assert isinstance(cfg, MIGUConfig)
         self.cfg = cfg
         self.layers = {}
+        self.expert_groups = {}
         self._active = True
         self._was_active = True
         self._decided = False
@@ -197,14 +85,35 @@ class MIGUHandle(Handle):
             self.masker = GradientMasker(
                 self.model, opt, freeze=self.cfg.freeze_masked_rows, registry=self.registry.scope("mask")
             )
+            if self.expert_groups:
+                scope = self.registry.scope("expert-mask")
+                self.expert_masker = ExpertMasker(self.model, opt, freeze=self.cfg.freeze_masked_rows, registry=scope)
             self.registry.optimizer_step_post(opt, self._post_step, priority=Priority.RECORD, name="migu/reset")
         self.optimizer = opt
 
     def _record(self, layer: _Layer) -> Any:
+        t = layer.target
+
         def hook(module: nn.Module, args: Any, output: Any) -> None:
             if self._active and torch.is_grad_enabled():
+                if t.from_input:  # routers: the logits x @ W.T + b, whatever the forward returns
+                    x = args[0].detach()
+                    with torch.no_grad():
+                        out = F.linear(x.to(t.weight.dtype), t.weight, t.bias)
+                    mask = self._token_mask
+                    if mask is not None and mask.numel() == out[..., 0].numel():
+                        mask = mask.reshape(out.shape[:-1])
+                    layer.acc.record(out, mask, path=t.path)
+                    return
                 out = output[0] if isinstance(output, tuple) else output
-                layer.acc.record(out, self._token_mask, path=layer.target.path)
+                layer.acc.record(out, self._token_mask, path=t.path)
+
+        return hook
+
+    def _record_experts(self, group: ExpertGroup) -> Any:
+        def hook(module: nn.Module, args: Any, kwargs: Any, output: Any) -> None:
+            if self._active and torch.is_grad_enabled():
+                group.record(args, kwargs, self._token_mask)
 
         return hook
 
@@ -213,28 +122,18 @@ class MIGUHandle(Handle):
         """Average every layer's statistics across DDP ranks in one flat fp32 buffer."""
         if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
             return
-        layers = list(self.layers.values())
-        device = layers[0].target.weight.device
-        parts = []
-        for layer in layers:
-            acc = layer.acc
-            total = acc.total if acc.total is not None else torch.zeros(acc.units, device=device)
-            tokens = acc.tokens if acc.tokens is not None else torch.zeros((), device=device)
-            seen = torch.ones(1, device=device) if acc.seen else torch.zeros(1, device=device)
-            parts += [total.to(device), tokens.to(device).reshape(1), seen]
-        flat = torch.cat(parts)
+        accs: list[Any] = [layer.acc for layer in self.layers.values()]
+        accs += [a for g in self.expert_groups.values() for a in g.accumulators()]
+        first = next(iter(self.layers.values()), None)
+        device = first.target.weight.device if first else next(iter(self.expert_groups.values())).experts.down.device
+        chunks = [acc.to_flat(device) for acc in accs]
+        flat = torch.cat(chunks)
         torch.distributed.all_reduce(flat)
         flat /= torch.distributed.get_world_size()
-        i = 0
-        for layer in layers:
-            n = layer.acc.units
-            total, tokens, seen = flat[i : i + n], flat[i + n], flat[i + n + 1]
-            i += n + 2
-            if float(seen) > 0:
-                dev = layer.target.weight.device
-                layer.acc.total, layer.acc.tokens = total.clone().to(dev), tokens.clone().to(dev)
-            else:
-                layer.acc.reset()
+        start = 0
+        for acc, chunk in zip(accs, chunks, strict=True):
+            acc.load_flat(flat[start : start + chunk.numel()], device)
+            start += chunk.numel()
 
     def _decide(self) -> None:
         masker = self.masker
@@ -245,6 +144,8 @@ class MIGUHandle(Handle):
         self._decided = True
         if not self._active:
             masker.clear()
+            if self.expert_masker is not None:
+                self.expert_masker.clear()
             return
         self._all_reduce()
         masking = not (self.cfg.skip_first_task and self._tasks_done == 0)
@@ -263,6 +164,18 @@ class MIGUHandle(Handle):
                 masker.set(t.weight, keep, axis=t.axis, bias=t.bias if self.cfg.mask_bias else None)
             else:
                 masker.clear(t.weight)
+        for group in self.expert_groups.values():
+            self._decide_experts(group, masking)
+
+    def _decide_experts(self, group: ExpertGroup, masking: bool) -> None:
+        masker = self.expert_masker
+        assert masker is not None
+        for p in group.experts.params():
+            masker.clear(p)
+        random = self.cfg.control == "random"
+        for param, keep, axis, bias in group.decide(self.cfg.select, random=random, generator=self._generator):
+            if masking:
+                masker.set(param, keep, axis=axis, bias=bias if self.cfg.mask_bias else None)
 
     def _pre_step(self, opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         self._decide()
@@ -270,6 +183,8 @@ class MIGUHandle(Handle):
     def _post_step(self, opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         for layer in self.layers.values():
             layer.acc.reset()
+        for group in self.expert_groups.values():
+            group.reset()
         self._decided = False
 
     # --- public controls ----------------------------------------------------------------------
@@ -279,6 +194,8 @@ class MIGUHandle(Handle):
         self._decide()
         assert self.masker is not None
         self.masker.mask_()
+        if self.expert_masker is not None:
+            self.expert_masker.mask_()
 
     def set_token_mask(self, mask: torch.Tensor | None) -> None:
         """``[batch, seq]`` mask (nonzero = real token) for the next forwards; None: every position votes."""
@@ -289,6 +206,8 @@ class MIGUHandle(Handle):
         self._check_live()
         for layer in self.layers.values():
             layer.history.end_task()
+        for group in self.expert_groups.values():
+            group.end_task()
         self._tasks_done += 1
 
     def disable(self) -> None:
@@ -296,8 +215,11 @@ class MIGUHandle(Handle):
         self._active = False
         for layer in self.layers.values():
             layer.acc.reset()
-        if self.masker is not None:
-            self.masker.clear()
+        for group in self.expert_groups.values():
+            group.reset()
+        for m in (self.masker, self.expert_masker):
+            if m is not None:
+                m.clear()
 
     def enable(self) -> None:
         self._active = True
@@ -314,16 +236,36 @@ class MIGUHandle(Handle):
             self.enable()
 
     def stats(self) -> dict[str, LayerStats]:
-        """Per layer: kept fraction of the last step, Jaccard with the previous step and with earlier tasks."""
-        return {p: layer.history.report() for p, layer in self.layers.items()}
+        """Per layer: kept fraction of the last step, Jaccard with the previous step and with earlier tasks.
+
+        Fused experts report every expert projection as a layer: ``"<experts path>.<e>.<gate|up|down>"``.
+        """
+        out = {p: layer.history.report() for p, layer in self.layers.items()}
+        for group in self.expert_groups.values():
+            out.update(group.stats())
+        return out
 
     def masks(self) -> dict[str, torch.Tensor]:
         """The last step's bool ``[units]`` mask per layer that has one (True = updated)."""
-        return {p: layer.history.last.clone() for p, layer in self.layers.items() if layer.history.last is not None}
+        out = {p: layer.history.last.clone() for p, layer in self.layers.items() if layer.history.last is not None}
+        for group in self.expert_groups.values():
+            out.update(group.masks())
+        return out
+
+    def scores(self) -> dict[str, torch.Tensor]:
+        """The statistic accumulated so far in the running step: fp32 ``[units]`` per layer that ran.
+
+        Read it between ``backward()`` and ``optimizer.step()`` (the step resets it).
+        """
+        out = {p: layer.acc.score().clone() for p, layer in self.layers.items() if layer.acc.seen}
+        for group in self.expert_groups.values():
+            out.update(group.scores())
+        return out
 
     def _teardown(self) -> None:
-        if self.masker is not None:
-            self.masker.remove()
+        for m in (self.masker, self.expert_masker):
+            if m is not None:
+                m.remove()
         self._token_mask = None
 
 
@@ -337,9 +279,12 @@ class MIGU(Operator):
     @classmethod
     def plan(cls, model: nn.Module, config: OperatorConfig) -> Plan:
         assert isinstance(config, MIGUConfig)
-        targets = find_targets(model, config.targets)
+        found = discover(model, config.targets, moe=config.moe)
+        if config.targets is None:
+            warn_ungated(model, found, stacklevel=5)  # the caller of modulart.migu.apply
         sel = None if config.targets is None else str(config.targets)
-        return Plan(targets=[t.path for t in targets], selector=sel, data={"targets": targets})
+        paths = [t.path for t in found.targets] + [fe.path for fe in found.experts]
+        return Plan(targets=paths, selector=sel, data={"targets": found.targets, "experts": found.experts})
 
     @classmethod
     def install(cls, handle: Handle, plan: Plan) -> None:
@@ -349,6 +294,11 @@ class MIGU(Operator):
             layer = _Layer(t, handle.cfg)
             handle.layers[t.path] = layer
             handle.registry.forward(t.module, handle._record(layer), priority=Priority.RECORD)
+        for fe in plan.data["experts"]:
+            group = ExpertGroup(fe, handle.cfg.stat, handle.cfg.keep_ratio)
+            handle.expert_groups[fe.path] = group
+            hook = handle._record_experts(group)
+            handle.registry.forward(fe.module, hook, priority=Priority.RECORD, with_kwargs=True)
 
 
 def apply(

@@ -34,6 +34,24 @@ def keep_count(keep_ratio: float, units: int) -> int:
     return max(1, min(units, math.ceil(round(keep_ratio * units, 6))))
 
 
+def magnitude(a: torch.Tensor, stat: str) -> torch.Tensor:
+    """Per-unit statistic of the outputs ``a [tokens, units]`` of one forward, ``[units]`` fp32.
+
+    ``abs_sum``: ``sum_t |a[t, j]|``; ``l1_token_mean`` (before the division by the token count):
+    ``sum_t |a[t, j]| / sum_i |a[t, i]|``.
+
+    Example:
+        >>> magnitude(torch.tensor([[1.0, -3.0], [0.0, 2.0]]), "abs_sum").tolist()
+        [1.0, 5.0]
+        >>> magnitude(torch.tensor([[1.0, -3.0], [0.0, 2.0]]), "l1_token_mean").tolist()
+        [0.25, 1.75]
+    """
+    if stat == "l1_token_mean":
+        f = a.float().abs()
+        return (f / f.sum(-1, keepdim=True).clamp_min(_EPS)).sum(0)
+    return a.abs().sum(0, dtype=torch.float32)  # |a| keeps the input precision; the sums accumulate in fp32
+
+
 class UnitStats:
     """Accumulates a per-output-unit magnitude over the forwards of one optimizer step.
 
@@ -57,22 +75,16 @@ class UnitStats:
         if token_mask is not None and tuple(token_mask.shape) == tuple(h.shape[:-1]):
             keep = token_mask.detach().to(a.device).reshape(-1).ne(0)
             a = a[keep]  # only the positions that vote
-            n = keep.sum().to(torch.float32)
-        else:
-            if token_mask is not None and not self._warned:
-                self._warned = True
-                warnings.warn(
-                    f"MIGU: token mask of shape {tuple(token_mask.shape)} does not fit the output "
-                    f"{tuple(h.shape)} of {path!r}; every position of that layer votes",
-                    UserWarning,
-                    stacklevel=2,
-                )
-            n = torch.tensor(float(a.shape[0]), device=a.device)
-        if self.stat == "l1_token_mean":
-            a = a.float().abs()
-            s = (a / a.sum(-1, keepdim=True).clamp_min(_EPS)).sum(0)
-        else:  # |h| keeps the input precision exactly; the column sums accumulate in fp32
-            s = a.abs().sum(0, dtype=torch.float32)
+        elif token_mask is not None and not self._warned:
+            self._warned = True
+            warnings.warn(
+                f"MIGU: token mask of shape {tuple(token_mask.shape)} does not fit the output "
+                f"{tuple(h.shape)} of {path!r}; every position of that layer votes",
+                UserWarning,
+                stacklevel=2,
+            )
+        s = magnitude(a, self.stat)
+        n = torch.tensor(float(a.shape[0]), device=a.device)
         if self.total is None or self.tokens is None:
             self.total, self.tokens = s, n
         else:
@@ -94,6 +106,20 @@ class UnitStats:
     def reset(self) -> None:
         self.total = None
         self.tokens = None
+
+    def to_flat(self, device: torch.device) -> torch.Tensor:
+        """``[units + 2]`` fp32: total, token count, seen flag (what DDP ranks average)."""
+        total = self.total if self.total is not None else torch.zeros(self.units)
+        tokens = self.tokens if self.tokens is not None else torch.zeros(())
+        seen = torch.ones(1) if self.seen else torch.zeros(1)
+        return torch.cat([total.to(device), tokens.to(device).reshape(1), seen.to(device)])
+
+    def load_flat(self, flat: torch.Tensor, device: torch.device) -> None:
+        """Inverse of :meth:`to_flat` (averaged): seen on any rank keeps the averaged sums."""
+        if float(flat[-1]) > 0:
+            self.total, self.tokens = flat[: self.units].clone().to(device), flat[self.units].clone().to(device)
+        else:
+            self.reset()
 
 
 def select_mask(score: torch.Tensor, keep_ratio: float, select: str) -> torch.Tensor:

@@ -1,6 +1,7 @@
 """Bake patch neurons into a widened FFN (hook-free inference) and put the original layers back.
 
-The key projection (and the up projection of gated FFNs) gains one output row per enabled patch,
+The key projection (and the up projection of gated FFNs) gains one output row per enabled patch
+(a fused gate/up layer one row at the end of each half),
 the value projection one input column; a key/up projection without a bias gets one (zero on the
 original rows) when a patch bias is non-zero. ``nn.Linear`` and Hugging Face ``Conv1D`` (transposed
 storage) are both handled; the widened layers are new modules, the originals are kept untouched
@@ -65,6 +66,25 @@ def _grow_rows(ref: LinearRef, rows: torch.Tensor, row_bias: torch.Tensor) -> nn
     return widened_linear(ref, w, b)
 
 
+def _grow_fused(
+    ffn: FFN, keys: torch.Tensor, key_bias: torch.Tensor, up: torch.Tensor, up_bias: torch.Tensor
+) -> nn.Module:
+    """One fused gate/up layer with ``P`` rows appended to each half (the block splits it in two)."""
+    gate_ref, up_ref = ffn.key_proj, ffn.up_proj
+    assert up_ref is not None
+    halves = []
+    biases = []
+    for ref, rows, rb in ((gate_ref, keys, key_bias), (up_ref, up, up_bias)):
+        halves.append(torch.cat([ref.weight.detach(), rows.to(ref.weight.dtype)]))
+        old_b = ref.bias
+        biases.append(torch.cat([old_b.detach() if old_b is not None else rb.new_zeros(ref.out_features), rb]))
+    order = (0, 1) if ffn.layout.fused_gate_up == "gate_first" else (1, 0)
+    w = torch.cat([halves[i] for i in order])
+    has_bias = gate_ref.bias is not None or bool(torch.cat(biases).ne(0).any())
+    b = torch.cat([biases[i] for i in order]).to(w.dtype) if has_bias else None
+    return widened_linear(LinearRef(gate_ref.module, gate_ref.path), w, b)
+
+
 def widen(
     model: nn.Module,
     ffn: FFN,
@@ -79,10 +99,14 @@ def widen(
 
     Shapes: ``keys``/``up`` ``[P, d_model]``, ``key_bias``/``up_bias`` ``[P]``, ``values [P, d_out]``.
     """
-    plan: list[tuple[str, nn.Module]] = [(ffn.key_proj.path, _grow_rows(ffn.key_proj, keys, key_bias))]
-    if ffn.up_proj is not None:
-        assert up is not None and up_bias is not None
-        plan.append((ffn.up_proj.path, _grow_rows(ffn.up_proj, up, up_bias)))
+    if ffn.fused:
+        assert ffn.up_proj is not None and up is not None and up_bias is not None
+        plan = [(ffn.key_proj.path, _grow_fused(ffn, keys, key_bias, up, up_bias))]
+    else:
+        plan = [(ffn.key_proj.path, _grow_rows(ffn.key_proj, keys, key_bias))]
+        if ffn.up_proj is not None:
+            assert up is not None and up_bias is not None
+            plan.append((ffn.up_proj.path, _grow_rows(ffn.up_proj, up, up_bias)))
     vref = ffn.value_proj
     w = torch.cat([vref.weight.detach(), values.T.to(vref.weight.dtype)], dim=1)
     plan.append((vref.path, widened_linear(vref, w, vref.bias.detach() if vref.bias is not None else None)))

@@ -118,9 +118,12 @@ class PatchBank:
         elif self.record:
             self.recorded = qf.new_zeros(*qf.shape[:-1], 0)
         if pending is not None:
-            a_new = qf @ pending.keys.T + pending.key_bias
+            qp, n = qf, pending.rows.shape[0]
+            if qf.dim() == 2 and qf.shape[0] != n and qf.shape[0] % n == 0:
+                qp = qf.view(n, qf.shape[0] // n, qf.shape[1])  # tokens flattened before the FFN (OPT)
+            a_new = qp @ pending.keys.T + pending.key_bias
             pending.pre_activations = a_new
-            h_new = self._hidden(qf, a_new, pending.up, pending.up_bias)
+            h_new = self._hidden(qp, a_new, pending.up, pending.up_bias)
             rows = pending.rows
             if h_new.dim() == 3:
                 rows = rows[:, None, :]
@@ -128,7 +131,7 @@ class PatchBank:
                 raise ShapeError(
                     f"pending patch rows cover a batch of {rows.shape[0]}, the FFN input has batch {h_new.shape[0]}"
                 )
-            delta = (h_new * rows) @ pending.values
+            delta = ((h_new * rows) @ pending.values).reshape(*qf.shape[:-1], -1)
             out = delta if out is None else out + delta
         return out
 

@@ -219,8 +219,7 @@ class Patcher(Handle):
                 for idx in buckets(examples, 64):
                     sub = [examples[i] for i in idx]
                     out = run_model(self.model, collate(sub), sub[0].positional)
-                    q = self._capture_q()
-                    q = q[:, None] if q.dim() == 2 else q
+                    q = mem.as_batch_seq(self._capture_q(), len(sub))
                     for j, i in enumerate(idx):
                         logits[i], qs[i] = out[j : j + 1], q[j]
         finally:
@@ -243,7 +242,7 @@ class Patcher(Handle):
                 q = self._capture_q()
         finally:
             self.model.train(was)
-        q = q[:, None] if q.dim() == 2 else q
+        q = mem.as_batch_seq(q, mem.batch_size(inputs))
         return FiringReport(list(self.bank.ids), self.bank.pre_activation(q), float(self.cfg.fire_threshold))
 
     # --- editing ------------------------------------------------------------------------------

@@ -37,10 +37,39 @@ def positions_mask(policy: str, attention_mask: torch.Tensor | None, length: int
     return mask
 
 
-def select_vectors(q: torch.Tensor, policy: str, attention_mask: torch.Tensor | None) -> torch.Tensor:
-    """``q [B, L, d] (or [B, d]) -> [n, d]`` fp32 vectors at the policy's positions."""
-    if q.dim() == 2:
-        q = q[:, None]
+def batch_size(inputs: torch.Tensor | Mapping[str, torch.Tensor]) -> int | None:
+    """The number of sequences in a batch of token ids (a tensor — 1-D is one sequence — or the
+    first tensor of a mapping), or None."""
+    first = (
+        inputs
+        if isinstance(inputs, torch.Tensor)
+        else next((v for v in inputs.values() if isinstance(v, torch.Tensor)), None)
+    )
+    if first is None or first.dim() == 0:
+        return None
+    return 1 if first.dim() == 1 else int(first.shape[0])
+
+
+def as_batch_seq(q: torch.Tensor, batch: int | None) -> torch.Tensor:
+    """The captured FFN input as ``[B, L, d]``: ``[B, d]`` gets ``L = 1``, and models that flatten
+    tokens before the FFN (OPT: ``[B·L, d]``) are unflattened using the batch size.
+
+    Example:
+        >>> as_batch_seq(torch.zeros(6, 4), 2).shape, as_batch_seq(torch.zeros(2, 4), 2).shape
+        (torch.Size([2, 3, 4]), torch.Size([2, 1, 4]))
+    """
+    if q.dim() != 2:
+        return q
+    if batch and q.shape[0] % batch == 0:
+        return q.view(batch, q.shape[0] // batch, q.shape[1])
+    return q[:, None]
+
+
+def select_vectors(
+    q: torch.Tensor, policy: str, attention_mask: torch.Tensor | None, batch: int | None = None
+) -> torch.Tensor:
+    """``q [B, L, d] (or [B, d], or [B·L, d] with ``batch``) -> [n, d]`` fp32 vectors at the policy's positions."""
+    q = as_batch_seq(q, batch)
     if q.dim() != 3:
         raise ShapeError(
             f"the patched FFN's input must be [batch, seq, d_model] or [batch, d_model], got {list(q.shape)}"
@@ -71,7 +100,7 @@ def gather(
     for b in batches:
         q = run(b)
         am = b.get("attention_mask") if isinstance(b, Mapping) else None
-        chunks.append(select_vectors(q, policy, am).to("cpu"))
+        chunks.append(select_vectors(q, policy, am, batch_size(b)).to("cpu"))
     if not chunks or sum(c.shape[0] for c in chunks) == 0:
         raise ShapeError("the memory set is empty: give at least one ordinary input")
     return torch.cat(chunks)

@@ -11,6 +11,8 @@ Example:
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from torch import nn
 
 from modulart.core.arch import BLOCK_GROWTH, BLOCK_GROWTH_GENERIC, BlockGrowthInfo, get_attr
@@ -29,6 +31,35 @@ def _homogeneous(m: nn.Module) -> bool:
     )
 
 
+def _common_base(kids: list[nn.Module]) -> type | None:
+    """The most specific class every entry derives from, other than ``nn.Module`` itself."""
+    for cls in type(kids[0]).__mro__:
+        if cls in (nn.Module, object):
+            return None
+        if all(isinstance(k, cls) for k in kids):
+            return cls
+    return None
+
+
+def _mixed(m: nn.Module) -> bool:
+    """A list of blocks of several classes with a common base (Jamba's attention and Mamba layers)."""
+    kids = list(m.children())
+    return (
+        isinstance(m, nn.ModuleList)
+        and len(kids) >= 2
+        and _common_base(kids) is not None
+        and all(any(True for _ in k.parameters()) for k in kids)
+    )
+
+
+def _candidates(model: nn.Module, accept: Callable[[nn.Module], bool]) -> list[str]:
+    out: list[str] = []
+    for path, m in model.named_modules():
+        if path and accept(m) and not any(path.startswith(c + ".") for c in out):
+            out.append(path)
+    return out
+
+
 def find_block_list(model: nn.Module, blocks: str | None = None) -> tuple[str, nn.ModuleList]:
     """The homogeneous block list of ``model``: ``(path, module_list)``.
 
@@ -36,7 +67,9 @@ def find_block_list(model: nn.Module, blocks: str | None = None) -> tuple[str, n
         model: any ``nn.Module``.
         blocks: the dotted path of the block list; when None it is discovered: the outermost
             ``ModuleList`` whose entries all have the same class (Hugging Face ``model.layers``,
-            ``transformer.h``, ``encoder.layer``...).
+            ``transformer.h``, ``encoder.layer``...), else the one list of blocks of several
+            classes with a common base (Jamba's attention and Mamba layers), which ``blocks=``
+            may also name.
 
     Raises:
         UnsupportedModuleError: the path is not a homogeneous ``ModuleList``, no candidate exists, or
@@ -53,16 +86,13 @@ def find_block_list(model: nn.Module, blocks: str | None = None) -> tuple[str, n
             found = get_attr(model, blocks)
         except AttributeError as e:
             raise UnsupportedModuleError(f"blocks={blocks!r}: {e}") from None
-        if not _homogeneous(found):
+        if not (_homogeneous(found) or _mixed(found)):
             raise UnsupportedModuleError(
                 f"blocks={blocks!r} is a {type(found).__name__}; expected a non-empty nn.ModuleList whose entries "
-                "all have the same class"
+                "all have the same class (or a common base class) and parameters"
             )
         return blocks, found
-    candidates: list[str] = []
-    for path, m in model.named_modules():
-        if path and _homogeneous(m) and not any(path.startswith(c + ".") for c in candidates):
-            candidates.append(path)
+    candidates = _candidates(model, _homogeneous) or _candidates(model, _mixed)
     if len(candidates) == 1:
         return candidates[0], get_attr(model, candidates[0])
     if not candidates:

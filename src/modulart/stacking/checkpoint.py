@@ -21,20 +21,32 @@ import os
 import re
 import shutil
 import sys
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from modulart._version import __version__
-from modulart.core.errors import ConfigError
+from modulart.core.errors import ConfigError, IncompatibleArtifactError
 from modulart.core.io import atomic_directory
-from modulart.stacking.hfconfig import rewrite_config_dict
+from modulart.stacking.hfconfig import depth_key, rewrite_config_dict
+from modulart.stacking.layout import layer_kinds
 from modulart.stacking.operators import get_operator
 from modulart.stacking.plan import LayerPlan
 from modulart.stacking.sfio import CHUNK, header_bytes, parse_size
-from modulart.stacking.source import INDEX_NAME, WEIGHT_SUFFIXES, Source, block_prefix, open_source
+from modulart.stacking.skeleton import kinds, layer_signatures, materialize
+from modulart.stacking.source import INDEX_NAME, WEIGHT_SUFFIXES, Source, block_prefix, find_prefix, open_source
 
-__all__ = ["MANIFEST_NAME", "RESIDUAL_OUTPUT_NAMES", "OutputTensor", "grow_checkpoint", "plan_outputs"]
+__all__ = [
+    "MANIFEST_NAME",
+    "RESIDUAL_OUTPUT_NAMES",
+    "OutputTensor",
+    "config_kinds",
+    "grow_checkpoint",
+    "plan_outputs",
+    "source_config",
+    "source_layers",
+]
 
 MANIFEST_NAME = "modulart_growth.json"
 # files copied next to a single-file source (a directory source has every non-weight file copied)
@@ -87,9 +99,17 @@ def _natural(name: str) -> list[Any]:
 
 
 def plan_outputs(
-    names: list[str], plan: LayerPlan, operator: str = "direct", blocks: str | None = None
+    names: list[str],
+    plan: LayerPlan,
+    operator: str = "direct",
+    blocks: str | None = None,
+    kinds: Sequence[Hashable] | None = None,
 ) -> list[OutputTensor]:
     """The grown checkpoint's tensors in file order (validates the plan against the checkpoint).
+
+    Grown layer ``i`` holds the tensors of source layer ``plan[i]``, so layers that differ (dense and
+    MoE) keep their own tensors; ``kinds`` (see :func:`~modulart.stacking.source.block_prefix`)
+    says which layers may differ.
 
     Example:
         >>> [o.name + "<-" + o.source for o in plan_outputs(["l.0.w", "l.1.w"], LayerPlan.from_list([1, 1], 2))]
@@ -101,7 +121,7 @@ def plan_outputs(
             f"operator = {operator!r}: checkpoint growth supports 'direct' and 'zero' ({op.description} needs the "
             "model in memory: use grow())"
         )
-    prefix, layers = block_prefix(names, blocks)
+    prefix, layers = block_prefix(names, blocks, kinds)
     plan.check_source(len(layers), f"checkpoint (block list {prefix!r})")
     from modulart.stacking.grow import new_positions
 
@@ -120,6 +140,58 @@ def plan_outputs(
             f"operator 'zero': no tensor of {prefix!r} looks like a residual output {RESIDUAL_OUTPUT_NAMES}"
         )
     return sorted(out, key=lambda o: _natural(o.name))
+
+
+def source_config(source: Source) -> dict[str, Any] | None:
+    """The ``config.json`` next to the checkpoint, or None.
+
+    Raises:
+        IncompatibleArtifactError: the file is not a JSON object.
+    """
+    path = source.root / "config.json"
+    if not path.is_file():
+        return None
+    try:
+        cfg = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise IncompatibleArtifactError(f"{path}: not readable JSON ({e})") from None
+    if not isinstance(cfg, dict):
+        raise IncompatibleArtifactError(f"{path}: expected a JSON object, got {type(cfg).__name__}")
+    return cfg
+
+
+def config_kinds(config: dict[str, Any], blocks: str) -> list[Hashable]:
+    """Per-layer kinds of the source config: the blocks transformers builds from it when it can,
+    else the layout its per-layer keys describe (equal kinds = layers that hold the same tensors).
+
+    Example:
+        >>> config_kinds({"num_hidden_layers": 3, "first_k_dense_replace": 1}, "layers")
+        [('dense',), ('sparse',), ('sparse',)]
+    """
+    cfg = materialize(config)
+    try:
+        sigs = layer_signatures(cfg, blocks)
+    except ConfigError:
+        sigs = None
+    if sigs is not None:
+        return kinds(sigs)
+    return layer_kinds(cfg, int(cfg[depth_key(cfg, blocks)]))
+
+
+def source_layers(
+    source: Source, blocks: str | None = None, config: dict[str, Any] | None = None
+) -> tuple[str, dict[int, set[str]], list[Hashable] | None]:
+    """The block-list prefix, the tensor suffixes of every layer and, when the layers hold different
+    tensors, their kinds from ``config`` (None when they are all alike or there is no config).
+
+    Raises:
+        ConfigError: no block list, or a layer lacks a tensor that a layer of the same kind has.
+    """
+    prefix, found = find_prefix(list(source.names), blocks)
+    alike = len({frozenset(v) for v in found.values()}) == 1
+    kinds_ = None if config is None or alike else config_kinds(config, prefix)
+    _, layers = block_prefix(list(source.names), prefix, kinds_)
+    return prefix, layers, kinds_
 
 
 def _shards(outputs: list[OutputTensor], src: Source, max_bytes: int) -> list[list[OutputTensor]]:
@@ -146,6 +218,7 @@ def grow_checkpoint(
     seed: int = 0,
     overwrite: bool = False,
     progress: bool | None = None,
+    check: bool | None = None,
 ) -> Path:
     """Grow a checkpoint on disk: block ``i`` of the output is block ``plan[i]`` of the source.
 
@@ -165,6 +238,11 @@ def grow_checkpoint(
         seed: recorded in the manifest (the supported operators are deterministic).
         overwrite: replace an existing ``dst`` (atomically).
         progress: show a progress bar (default: when stderr is a terminal).
+        check: build the source and grown models from their configs with transformers (meta
+            device, no weights) and compare them block by block, so a config key modulart does not
+            know cannot silently change a layer. None: when the layers hold different tensors or
+            the config states more than plain per-layer lists (this imports transformers, a fixed
+            ~150 MiB; plain configs skip it).
 
     Returns:
         ``Path(dst)``, holding the shards (and ``model.safetensors.index.json`` when there are
@@ -173,24 +251,26 @@ def grow_checkpoint(
 
     Raises:
         ConfigError / IncompatibleArtifactError: a bad plan, a missing tensor, a truncated shard, an
-            existing ``dst``: all before anything is written.
+            existing ``dst``, a per-layer config key that cannot express the grown layout
+            (``first_k_dense_replace`` with a dense layer after a MoE one; the message names the key),
+            a grown layer that would reload as a different block: all before anything is written.
     """
     source = open_source(src)
     names = list(source.names)
+    config = source_config(source)
+    prefix, layers, kinds = source_layers(source, blocks, config)
     if not isinstance(plan, LayerPlan):
-        plan = LayerPlan.stack(len(block_prefix(names, blocks)[1]), plan)
-    outputs = plan_outputs(names, plan, operator, blocks)
-    prefix = block_prefix(names, blocks)[0]
+        plan = LayerPlan.stack(len(layers), plan)
+    outputs = plan_outputs(names, plan, operator, prefix, kinds)
     max_bytes = parse_size(max_shard_size)
     dst_p = Path(dst)
     if dst_p.exists() and not overwrite:
         raise ConfigError(f"dst = {str(dst_p)!r} exists; pass overwrite=True to replace it")
     if dst_p.resolve() == source.root.resolve():
         raise ConfigError("dst must differ from the source directory")
-    config_path = source.root / "config.json"
-    new_config: dict[str, Any] | None = None
-    if config_path.is_file():
-        new_config = rewrite_config_dict(json.loads(config_path.read_text(encoding="utf-8")), plan, prefix)
+    if check is None:  # layers that differ are checked against the model class
+        check = None if kinds is None else True
+    new_config = None if config is None else rewrite_config_dict(config, plan, prefix, check=check)
     shards = _shards(outputs, source, max_bytes)
     total = sum(source.nbytes(o.source) for o in outputs)
     buffer = bytearray(CHUNK)

@@ -16,9 +16,9 @@ import argparse
 from collections.abc import Callable
 
 from modulart.core.errors import ModulartError
-from modulart.stacking.checkpoint import grow_checkpoint
+from modulart.stacking.checkpoint import grow_checkpoint, source_config, source_layers
 from modulart.stacking.plan import LayerPlan
-from modulart.stacking.source import block_prefix, open_source
+from modulart.stacking.source import open_source
 
 __all__ = ["add_grow_parser", "run_grow"]
 
@@ -49,7 +49,7 @@ def run_grow(args: argparse.Namespace, echo: Callable[[str], None]) -> int:
     """Run ``modulart grow``; returns the exit status (2 on bad input, with the reason echoed)."""
     try:
         source = open_source(args.src)
-        prefix, layers = block_prefix(list(source.names), args.blocks)
+        prefix, layers, _ = source_layers(source, args.blocks, source_config(source))
         depth = len(layers)
         if args.factor is not None:
             plan = LayerPlan.stack(depth, args.factor)

@@ -138,7 +138,7 @@ def grow(
     if hf_config is not None and hasattr(hf_config, "to_dict"):
         from modulart.stacking.hfconfig import rewrite_config_dict
 
-        rewrite_config_dict(hf_config.to_dict(), plan, path)  # validate before building anything
+        rewrite_config_dict(hf_config.to_dict(), plan, path)  # validate (and check) before building anything
 
     # copy everything but the block list once, then each block once per use: no shared storage
     memo: dict[int, Any] = {id(source_blocks): nn.ModuleList()}
@@ -152,7 +152,7 @@ def grow(
         reindex_block(block, s, i)
         grown_blocks.append(block)
     if getattr(grown, "config", None) is not None and hasattr(grown.config, "to_dict"):
-        rewrite_config(grown.config, plan, path)
+        rewrite_config(grown.config, plan, path, check=False)
 
     gen = torch.Generator().manual_seed(cfg.seed)
     if cfg.operator == "zero":

@@ -1,8 +1,7 @@
 """Rewriting a model config (``config.json`` dict or a Hugging Face config object) for a grown depth.
 
-Per-layer knowledge is data: the keys holding the depth, the per-layer arrays (remapped by the
-plan: ``new[i] = old[plan[i]]``), the lists of layer indices (remapped to the grown positions
-whose source was listed), and layout rules that cannot follow an arbitrary plan.
+The depth keys are data here; the per-layer keys (lists remapped by the plan, ``new[i] =
+old[plan[i]]``, index sets, layout rules) live in :mod:`modulart.stacking.layout`.
 
 Example:
     >>> from modulart.stacking import LayerPlan
@@ -19,9 +18,10 @@ import copy
 from typing import Any
 
 from modulart.core.errors import ConfigError
+from modulart.stacking.layout import grow_layout, plain_layout
 from modulart.stacking.plan import LayerPlan
 
-__all__ = ["DEPTH_KEYS", "INDEX_LIST_KEYS", "PER_LAYER_KEYS", "depth_key", "rewrite_config", "rewrite_config_dict"]
+__all__ = ["DEPTH_KEYS", "depth_key", "rewrite_config", "rewrite_config_dict"]
 
 # keys that hold the depth of the main block list, in the order they are looked for
 DEPTH_KEYS: tuple[str, ...] = ("num_hidden_layers", "n_layer", "num_layers", "n_layers", "num_decoder_layers")
@@ -32,10 +32,6 @@ BLOCK_DEPTH_KEYS: dict[str, str] = {
     "decoder.layers": "decoder_layers",
     "encoder.layers": "encoder_layers",
 }
-# per-layer arrays: new[i] = old[plan[i]]
-PER_LAYER_KEYS: tuple[str, ...] = ("layer_types", "no_rope_layers", "mlp_layer_types", "attn_layer_types")
-# lists of layer indices: new = grown positions whose source index was listed
-INDEX_LIST_KEYS: tuple[str, ...] = ("mlp_only_layers", "swa_layers", "full_attn_idxs")
 
 
 def depth_key(config: dict[str, Any], blocks: str | None = None) -> str:
@@ -54,52 +50,61 @@ def depth_key(config: dict[str, Any], blocks: str | None = None) -> str:
     raise ConfigError(f"config has none of the depth keys {list(DEPTH_KEYS)}; cannot rewrite its depth")
 
 
-def rewrite_config_dict(config: dict[str, Any], plan: LayerPlan, blocks: str | None = None) -> dict[str, Any]:
+def rewrite_config_dict(
+    config: dict[str, Any], plan: LayerPlan, blocks: str | None = None, *, check: bool | None = True
+) -> dict[str, Any]:
     """A copy of ``config`` rewritten for the grown depth (the input is not changed).
 
+    Every per-layer key is carried through the plan (see :mod:`modulart.stacking.layout`): lists
+    (``layer_types``...), index sets (``moe_layers``...) and rules (``first_k_dense_replace``,
+    ``decoder_sparse_step``, ``moe_layer_interval``, GPT-Neo ``attention_types``...). Per-layer
+    lists that the transformers config class derives but the dict omits are written out first.
+    With ``check`` (and transformers importable), the models built from the source and the
+    rewritten config are compared block by block on the meta device
+    (:func:`~modulart.stacking.skeleton.check_grown_config`); ``check=None`` does so only when the
+    config states more than plain per-layer lists (:func:`~modulart.stacking.layout.plain_layout`),
+    which saves importing transformers (about 150 MiB) for the plain ones.
+
+    Example:
+        >>> cfg = {"num_hidden_layers": 2, "moe_layers": [1]}
+        >>> rewrite_config_dict(cfg, LayerPlan.stack(2, 2))["moe_layers"]
+        [1, 3]
+
     Raises:
-        ConfigError: the config's depth differs from the plan's source depth, a per-layer array has
-            the wrong length, or the plan breaks a layout the config can only express as a rule
-            (``first_k_dense_replace``).
+        ConfigError: the config's depth differs from the plan's source depth, a per-layer list has
+            the wrong length, a rule cannot express the grown layout (``first_k_dense_replace`` with
+            a dense layer after a MoE one), or a grown layer would reload as a different block; the
+            message names the key. Raised before anything is changed.
     """
-    out = copy.deepcopy(config)
-    key = depth_key(out, blocks)
-    plan.check_source(int(out[key]), f"config ({key})")
-    n = plan.num_layers
-    for k in PER_LAYER_KEYS:
-        v = out.get(k)
-        if isinstance(v, list):
-            if len(v) != n:
-                raise ConfigError(f"config[{k!r}] has {len(v)} entries; expected one per layer ({n})")
-            out[k] = [copy.deepcopy(v[s]) for s in plan]
-    for k in INDEX_LIST_KEYS:
-        v = out.get(k)
-        if isinstance(v, list) and all(isinstance(i, int) for i in v):
-            listed = set(v)
-            out[k] = [pos for pos, s in enumerate(plan) if s in listed]
-    step = out.get("decoder_sparse_step")
-    if isinstance(step, int) and step > 1:  # Qwen-MoE: MoE on layers with (i + 1) % step == 0 -> explicit list
-        dense_src = {i for i in range(n) if (i + 1) % step != 0} | set(config.get("mlp_only_layers") or [])
-        out["decoder_sparse_step"] = 1
-        out["mlp_only_layers"] = [pos for pos, s in enumerate(plan) if s in dense_src]
-    k_dense = out.get("first_k_dense_replace")
-    if isinstance(k_dense, int) and k_dense > 0:
-        dense = [s < k_dense for s in plan]
-        m = sum(dense)
-        if dense != [True] * m + [False] * (len(plan) - m):
-            raise ConfigError(
-                f"config first_k_dense_replace = {k_dense}: the first {k_dense} layers are dense, but plan "
-                f"{plan.describe()} puts dense source layers after MoE ones, which this config cannot express"
-            )
-        out["first_k_dense_replace"] = m
+    from modulart.stacking.skeleton import check_grown_config, materialize
+
+    key = depth_key(config, blocks)
+    plan.check_source(int(config[key]), f"config ({key})")
+    if check is None:
+        check = not plain_layout(config, plan.num_layers)
+    src = materialize(copy.deepcopy(config)) if check else copy.deepcopy(config)
+    out = copy.deepcopy(src)
+    out.update(grow_layout(src, plan, plan.num_layers))
     out[key] = plan.grown_layers
+    if check:
+        check_grown_config(src, out, plan, blocks)
     return out
 
 
-def rewrite_config(config: Any, plan: LayerPlan, blocks: str | None = None) -> list[str]:
-    """Rewrite a Hugging Face config object in place; returns the names of the changed keys."""
+def rewrite_config(config: Any, plan: LayerPlan, blocks: str | None = None, *, check: bool | None = True) -> list[str]:
+    """Rewrite a Hugging Face config object in place; returns the names of the changed keys.
+
+    Example:
+        >>> from transformers import Qwen2MoeConfig
+        >>> cfg = Qwen2MoeConfig(num_hidden_layers=2, decoder_sparse_step=2, hidden_size=16, num_attention_heads=2,
+        ...                      num_key_value_heads=2, intermediate_size=32, moe_intermediate_size=8)
+        >>> rewrite_config(cfg, LayerPlan.interleave(2, 2), "model.layers")
+        ['decoder_sparse_step', 'layer_types', 'mlp_only_layers', 'num_hidden_layers']
+        >>> cfg.mlp_only_layers, cfg.decoder_sparse_step
+        ([0, 1], 1)
+    """
     before = config.to_dict()
-    after = rewrite_config_dict(before, plan, blocks)
+    after = rewrite_config_dict(before, plan, blocks, check=check)
     changed = sorted(k for k in after if after[k] != before.get(k))
     for k in changed:
         setattr(config, k, after[k])

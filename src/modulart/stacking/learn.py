@@ -79,6 +79,13 @@ def learn_mix(
         The fitted mixing matrix ``[grown_layers, source_layers]``.
     """
     names = [n for n, _ in source_blocks[0].named_parameters()]
+    for i, b in enumerate(source_blocks):
+        differ = sorted(set(names) ^ {n for n, _ in b.named_parameters()})
+        if differ:
+            raise ShapeError(
+                f"{path}: blocks 0 and {i} hold different parameters (e.g. {differ[0]!r}: dense and MoE or attention "
+                "and Mamba layers); the 'learn' operator mixes equal blocks only"
+            )
     stacked: dict[str, torch.Tensor] = {}
     for n in names:
         ts = [dict(b.named_parameters())[n].detach() for b in source_blocks]

@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -25,7 +25,7 @@ import torch
 from modulart.core.errors import ConfigError, IncompatibleArtifactError
 from modulart.stacking.sfio import DTYPE_NAMES, SafetensorsFile
 
-__all__ = ["Source", "block_prefix", "open_source"]
+__all__ = ["Source", "block_prefix", "find_prefix", "open_source"]
 
 INDEX_NAME = "model.safetensors.index.json"
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt", ".ckpt", ".h5", ".msgpack")
@@ -158,13 +158,34 @@ def open_source(path: str | os.PathLike[str]) -> Source:
 _LAYER = re.compile(r"^(.*?)\.(\d+)\.(.+)$")
 
 
-def block_prefix(names: list[str], blocks: str | None = None) -> tuple[str, dict[int, set[str]]]:
+def block_prefix(
+    names: list[str], blocks: str | None = None, kinds: Sequence[Hashable] | None = None
+) -> tuple[str, dict[int, set[str]]]:
     """The block-list prefix of a checkpoint's tensor names and, per layer, its tensor suffixes.
 
+    Args:
+        names: the checkpoint's tensor names.
+        blocks: the block-list prefix (None: discovered).
+        kinds: one value per layer, from the model config: layers of equal kind must hold the same
+            tensors, layers of different kinds may differ (dense and MoE layers of DeepSeek-V3).
+            None: every layer must hold the same tensors.
+
     Raises:
-        ConfigError: no block list, several candidates (``blocks=`` chooses), or layers that do not
-            hold the same tensors (the message names the missing tensor).
+        ConfigError: no block list, several candidates (``blocks=`` chooses), or a layer missing a
+            tensor that a layer of the same kind has (the message names both).
+
+    Example:
+        >>> names = ["l.0.mlp.w", "l.1.moe.router", "l.2.moe.router"]
+        >>> block_prefix(names, kinds=["dense", "sparse", "sparse"])[0]
+        'l'
     """
+    prefix, layers = find_prefix(names, blocks)
+    _check_layers(prefix, layers, max(layers) + 1, kinds)
+    return prefix, layers
+
+
+def find_prefix(names: list[str], blocks: str | None = None) -> tuple[str, dict[int, set[str]]]:
+    """:func:`block_prefix` without the check that the layers hold matching tensors."""
     by_prefix: dict[str, dict[int, set[str]]] = {}
     for n in names:
         m = _LAYER.match(n)
@@ -183,11 +204,33 @@ def block_prefix(names: list[str], blocks: str | None = None) -> tuple[str, dict
         if len(best) > 1:
             raise ConfigError(f"several block lists {sorted(best)}; pass blocks= to choose one")
         prefix = best[0]
-    layers = by_prefix[prefix]
-    depth = max(layers) + 1
-    union: set[str] = set().union(*layers.values())
+    return prefix, by_prefix[prefix]
+
+
+def _check_layers(prefix: str, layers: dict[int, set[str]], depth: int, kinds: Sequence[Hashable] | None) -> None:
+    """Layers of the same kind (all layers, without kinds) must hold the same tensors."""
+    if kinds is not None and len(kinds) != depth:
+        raise ConfigError(
+            f"the checkpoint's {prefix!r} has {depth} layers but its config.json describes {len(kinds)} (extra layers "
+            "such as multi-token-prediction modules stored after the blocks are not supported)"
+        )
+    groups: dict[Hashable, list[int]] = {}
     for i in range(depth):
-        missing = sorted(union - layers.get(i, set()))
-        if missing:
-            raise ConfigError(f"tensor {prefix}.{i}.{missing[0]} is missing (other layers have it)")
-    return prefix, layers
+        groups.setdefault(kinds[i] if kinds is not None else None, []).append(i)
+    for members in groups.values():
+        union: set[str] = set().union(*(layers.get(i, set()) for i in members))
+        for i in members:
+            missing = sorted(union - layers.get(i, set()))
+            if not missing:
+                continue
+            other = next(j for j in members if missing[0] in layers.get(j, set()))
+            if kinds is None:
+                raise ConfigError(
+                    f"tensor {prefix}.{i}.{missing[0]} is missing (layer {other} has it): the layers hold different "
+                    "tensors, and without a config.json next to the weights modulart cannot tell a mixed layout "
+                    "(dense and MoE layers) from a missing tensor"
+                )
+            raise ConfigError(
+                f"tensor {prefix}.{i}.{missing[0]} is missing: layer {other}, which the config gives the same "
+                f"structure as layer {i}, has it (the checkpoint is incomplete or does not match its config.json)"
+            )

@@ -84,7 +84,14 @@ def _linear_roles(module: nn.Module, name: str) -> dict[int, Role]:
 def _grow_ffns(model: nn.Module, d_ff: int, operator: str, gen: torch.Generator) -> list[tuple[str, int]]:
     """Widen every FFN in place; returns (value projection path, old d_ff) per FFN."""
     done: list[tuple[str, int]] = []
-    for f in find_ffns(model):
+    ffns = find_ffns(model)
+    fused = [f.path for f in ffns if f.fused]
+    if fused:
+        raise UnsupportedModuleError(
+            f"width growth of FFNs whose gate and up share one layer is not supported: {fused[:4]} "
+            "(the new neurons would have to be inserted into both halves of the fused weight)"
+        )
+    for f in ffns:
         old = f.d_ff
         u = _Units(old, d_ff, gen)
         sides = [(f.key_proj, "out"), (f.value_proj, "in")] + ([(f.up_proj, "out")] if f.up_proj else [])
