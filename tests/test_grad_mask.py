@@ -156,3 +156,27 @@ def test_exactly_the_masked_slices_stay_put(rows: int, cols: int, axis: int, dat
     moved = (p != before).any(dim=1 - axis)
     assert not bool((moved & ~keep).any())
     masker.remove()
+
+
+@pytest.mark.parametrize("axis", [1, 2])
+def test_per_expert_masks_on_fused_parameters_freeze_exactly_the_masked_units(axis: int) -> None:
+    torch.manual_seed(0)
+    w = nn.Parameter(torch.randn(3, 5, 4) if axis == 1 else torch.randn(3, 4, 5))  # 3 experts, 5 units
+    b = nn.Parameter(torch.randn(3, 5))
+    holder = nn.ParameterList([w, b])
+    opt = torch.optim.AdamW([w, b], lr=0.1, weight_decay=0.1)
+    masker = GradientMasker(holder, opt, freeze=True)
+    keep = torch.rand(3, 5, generator=torch.Generator().manual_seed(1)) > 0.5
+    before_w, before_b = w.detach().clone(), b.detach().clone()
+    for _ in range(2):  # the second step has Adam moments: frozen units must still not move
+        masker.set(w, keep, axis=axis, bias=b)
+        (w.square().sum() + b.square().sum()).backward()
+        opt.step()
+        opt.zero_grad()
+    units = (lambda t: t) if axis == 1 else (lambda t: t.transpose(1, 2))
+    moved = (units(w.detach()) != units(before_w)).any(-1)  # [E, U]
+    assert torch.equal(moved, keep)
+    assert torch.equal(b.detach() != before_b, keep)
+    with pytest.raises(mt.ShapeError, match="per-expert"):
+        masker.set(w, torch.ones(2, 5, dtype=torch.bool), axis=axis)
+    masker.remove()

@@ -2,7 +2,8 @@
 
 A :class:`GradientMasker` holds, per parameter, a boolean ``keep`` vector over one axis (the output
 units of a linear layer: rows of an ``nn.Linear`` weight, columns of a HF ``Conv1D`` weight, or
-any axis you name) and
+any axis you name) — or, for fused expert parameters ``[E, ...]`` whose experts each keep their own
+units, a ``keep [E, U]`` matrix over the expert axis 0 and the unit axis — and
 
 - zeroes the gradient slices that are not kept (:meth:`GradientMasker.mask_`), once per optimizer
   step, right before ``optimizer.step()`` through a step pre-hook, or earlier by an explicit call
@@ -26,6 +27,17 @@ Example:
     >>> torch.equal(lin.weight[1], before[1]), torch.equal(lin.weight[0], before[0])
     (True, False)
     >>> masker.remove()
+
+    Per expert, on a fused ``[E, U, d]`` parameter (each expert keeps its own units):
+
+    >>> w = torch.nn.Parameter(torch.ones(2, 3, 4))
+    >>> opt = torch.optim.SGD([w], lr=0.1)
+    >>> masker = GradientMasker(torch.nn.ParameterList([w]), opt)
+    >>> masker.set(w, torch.tensor([[True, False, False], [False, False, True]]), axis=1)
+    >>> w.sum().backward(); opt.step()
+    >>> (w[:, :, 0] != 1).int().tolist()
+    [[1, 0, 0], [0, 0, 1]]
+    >>> masker.remove()
 """
 
 from __future__ import annotations
@@ -48,15 +60,32 @@ class SliceMask:
     """The kept slices of one parameter along ``axis`` (and of its bias, whose only axis matches)."""
 
     param: torch.Tensor
-    keep: torch.Tensor  # [param.shape[axis]] bool
+    keep: torch.Tensor  # [param.shape[axis]] bool, or [param.shape[0], param.shape[axis]] per expert
     axis: int
-    bias: torch.Tensor | None = None
+    bias: torch.Tensor | None = None  # shaped like keep
+
+    @property
+    def per_expert(self) -> bool:
+        """``keep`` is ``[E, U]``: each slice along axis 0 (an expert) keeps its own units."""
+        return self.keep.dim() == 2
 
     def broadcast(self, like: torch.Tensor) -> torch.Tensor:
         """``keep`` shaped to broadcast against ``like`` (the parameter or its gradient)."""
         shape = [1] * like.dim()
-        shape[self.axis] = -1
+        shape[self.axis] = int(self.keep.shape[-1])
+        if self.per_expert:
+            shape[0] = int(self.keep.shape[0])
         return self.keep.to(like.device).view(shape)
+
+    def masked(self) -> tuple[torch.Tensor, ...]:
+        """Indices of the masked slices: ``(units,)``, or ``(experts, units)`` when per expert."""
+        idx = torch.nonzero(~self.keep.to(self.param.device))
+        return (idx[:, 0],) if not self.per_expert else (idx[:, 0], idx[:, 1])
+
+    def units_view(self, t: torch.Tensor) -> torch.Tensor:
+        """``t`` (the parameter's data) with the unit axis first (after the expert axis, when per
+        expert): a view, so writes through it reach the parameter."""
+        return t.movedim(self.axis, 1 if self.per_expert else 0)
 
     @property
     def kept_fraction(self) -> float:
@@ -87,7 +116,7 @@ class GradientMasker:
         self.registry = registry if registry is not None else HookRegistry(model, name="grad_mask")
         self.masks: dict[int, SliceMask] = {}
         self._masked_this_step = False
-        self._saved: list[tuple[SliceMask, torch.Tensor, torch.Tensor, torch.Tensor | None]] = []
+        self._saved: list[tuple[SliceMask, tuple[torch.Tensor, ...], torch.Tensor, torch.Tensor | None]] = []
         self._names = {id(p): n for n, p in model.named_parameters()}
         if optimizer is not None:
             self.registry.optimizer_step_pre(optimizer, self._before_step, priority=Priority.INTERVENE)
@@ -97,21 +126,27 @@ class GradientMasker:
     def set(self, param: torch.Tensor, keep: torch.Tensor, *, axis: int = 0, bias: torch.Tensor | None = None) -> None:
         """Keep only the ``keep``-selected slices of ``param`` along ``axis`` (and of ``bias``).
 
+        ``keep`` is a bool vector ``[param.shape[axis]]``, or a bool matrix ``[E, U]`` for a fused
+        expert parameter (axis 0 holds the experts, ``axis`` their units; ``bias`` is then
+        ``[E, U]`` too).
+
         Raises:
-            ShapeError: ``keep`` is not a bool vector matching the axis, or the bias does not fit;
+            ShapeError: ``keep`` does not match the axis (or the experts), or the bias does not fit;
                 nothing is changed.
         """
         name = self._names.get(id(param), "<parameter>")
         if not -param.dim() <= axis < param.dim():
             raise ShapeError(f"{name}: axis {axis} out of range for shape {tuple(param.shape)}")
         axis %= param.dim()
-        if keep.dtype != torch.bool or keep.dim() != 1 or keep.numel() != param.shape[axis]:
+        want = (param.shape[axis],) if keep.dim() != 2 else (param.shape[0], param.shape[axis])
+        if keep.dtype != torch.bool or tuple(keep.shape) != want or (keep.dim() == 2 and axis == 0):
             raise ShapeError(
                 f"{name}: keep must be a bool vector of length {param.shape[axis]} (axis {axis} of "
-                f"{tuple(param.shape)}), got {keep.dtype} {tuple(keep.shape)}"
+                f"{tuple(param.shape)}) or a per-expert bool matrix [{param.shape[0]}, {param.shape[axis]}] "
+                f"(axis 0: experts), got {keep.dtype} {tuple(keep.shape)}"
             )
-        if bias is not None and tuple(bias.shape) != (param.shape[axis],):
-            raise ShapeError(f"{name}: bias of shape {tuple(bias.shape)} does not match axis {axis}")
+        if bias is not None and tuple(bias.shape) != want:
+            raise ShapeError(f"{name}: bias of shape {tuple(bias.shape)} does not match {list(want)}")
         self.masks[id(param)] = SliceMask(param, keep.detach().clone(), axis, bias)
 
     def clear(self, param: torch.Tensor | None = None) -> None:
@@ -141,18 +176,18 @@ class GradientMasker:
             with torch.no_grad():
                 self._saved = []
                 for m in self.masks.values():
-                    idx = torch.nonzero(~m.keep.to(m.param.device)).flatten()
-                    if idx.numel():
-                        bias = m.bias.detach().index_select(0, idx) if m.bias is not None else None
-                        self._saved.append((m, idx, m.param.detach().index_select(m.axis, idx), bias))
+                    idx = m.masked()
+                    if idx[0].numel():
+                        bias = m.bias.detach()[idx].clone() if m.bias is not None else None
+                        self._saved.append((m, idx, m.units_view(m.param.detach())[idx].clone(), bias))
 
     def _after_step(self, opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         if self.freeze:
             with torch.no_grad():
                 for m, idx, weight, bias in self._saved:
-                    m.param.index_copy_(m.axis, idx, weight)
+                    m.units_view(m.param.detach())[idx] = weight
                     if m.bias is not None and bias is not None:
-                        m.bias.index_copy_(0, idx, bias)
+                        m.bias.detach()[idx] = bias
             self._saved = []
         self._masked_this_step = False
 

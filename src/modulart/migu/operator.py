@@ -27,7 +27,6 @@ from modulart.core.operator import Handle, Operator, OperatorConfig, Plan
 from modulart.migu.config import MIGUConfig
 from modulart.migu.coverage import warn_ungated
 from modulart.migu.expert_group import ExpertGroup
-from modulart.migu.expert_mask import ExpertMasker
 from modulart.migu.stats import LayerStats, MaskHistory, UnitStats, random_mask, select_mask
 from modulart.migu.targets import Target, discover, find_targets
 
@@ -57,7 +56,7 @@ class MIGUHandle(Handle):
     layers: dict[str, _Layer]
     expert_groups: dict[str, ExpertGroup]
     masker: GradientMasker | None = None
-    expert_masker: ExpertMasker | None = None
+    expert_masker: GradientMasker | None = None
     optimizer: torch.optim.Optimizer | None = None
 
     def _init_state(self) -> None:
@@ -87,7 +86,7 @@ class MIGUHandle(Handle):
             )
             if self.expert_groups:
                 scope = self.registry.scope("expert-mask")
-                self.expert_masker = ExpertMasker(self.model, opt, freeze=self.cfg.freeze_masked_rows, registry=scope)
+                self.expert_masker = GradientMasker(self.model, opt, freeze=self.cfg.freeze_masked_rows, registry=scope)
             self.registry.optimizer_step_post(opt, self._post_step, priority=Priority.RECORD, name="migu/reset")
         self.optimizer = opt
 
