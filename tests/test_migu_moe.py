@@ -492,7 +492,8 @@ class _UpFirstMoE(nn.Module):
 
 
 @pytest.mark.parametrize(
-    ("claim_layout", "reason"), [(False, "unknown storage layout"), (True, "recomputed expert outputs differ")]
+    ("claim_layout", "reason"),
+    [(False, "no verified MoE view describes its storage"), (True, "recomputed expert outputs differ")],
 )
 def test_unverifiable_experts_are_refused_and_named(claim_layout: bool, reason: str) -> None:
     model = nn.Sequential(nn.Linear(8, 8), _UpFirstMoE(claim_layout))

@@ -1,9 +1,9 @@
 """Finding fused MoE experts and their routers, and verifying the experts' layout on a probe.
 
-The layout of an experts module comes from the flags transformers sets on its decorated experts
-classes (``is_transposed``, ``is_concatenated``, ``has_gate``, ``has_post_expert_norm``), else from
-:data:`modulart.migu.experts.LAYOUTS` (class name -> layout), else from the block's core MoE view
-(:func:`modulart.core.moe.find_moes`). It is then checked by :func:`verify`: the module's own
+The layout of an experts module comes from the block's verified core MoE view
+(:func:`modulart.core.moe.find_moes`, its ``fused_storage``: the one place expert storage is known),
+else from the flags transformers sets on its decorated experts classes (``is_transposed``,
+``is_concatenated``, ``has_gate``, ``has_post_expert_norm``). It is then checked by :func:`verify`: the module's own
 forward on a random probe must equal the sum of the routing weights times
 :meth:`~modulart.migu.experts.FusedExperts.project`. A module that fails is refused (MIGU leaves it
 ungated and names it, with the reason, in its coverage warning).
@@ -41,12 +41,10 @@ import torch
 from torch import nn
 
 from modulart.core.errors import ModulartError, UnsupportedModuleError
-from modulart.migu.experts import LAYOUTS, FusedExperts, FusedLayout
+from modulart.migu.experts import FusedExperts, FusedLayout
 
 __all__ = ["core_moes", "find_fused_experts", "find_routers", "verify"]
 
-# Storage names of the core MoE view -> layout (for experts modules known only through find_moes).
-_VIEW_STORAGE = {"fused": FusedLayout(False, False), "fused_interleaved_t": FusedLayout(True, True)}
 # What a core MoE view may raise on a block it cannot describe (MIGU then relies on its own discovery).
 _VIEW_ERRORS = (ModulartError, AttributeError, TypeError, ValueError, RuntimeError, KeyError, IndexError)
 
@@ -138,12 +136,9 @@ def find_fused_experts(
         gu, down = module._parameters.get("gate_up_proj"), module._parameters.get("down_proj")
         if gu is None or down is None or gu.dim() != 3 or not (gu.requires_grad or down.requires_grad):
             continue
-        layout = _flags_layout(module)
-        if layout is None:
-            names = [c.__name__ for c in type(module).__mro__]
-            layout = next((LAYOUTS[n] for n in names if n in LAYOUTS), None) or view_layouts.get(id(module))
+        layout = view_layouts.get(id(module)) or _flags_layout(module)
         if layout is None or isinstance(layout, str):
-            refused[path] = layout or "unknown storage layout (register it in modulart.migu.experts.LAYOUTS)"
+            refused[path] = layout or "no verified MoE view describes its storage (see modulart.find_moes)"
             continue
         try:
             fe = FusedExperts(path, module, layout)
@@ -161,14 +156,21 @@ def find_fused_experts(
     return found, refused
 
 
-def _view_layouts(moes: list[Any]) -> dict[int, FusedLayout]:
-    """``id(experts module) -> layout`` from core MoE views (for undecorated, unlisted classes)."""
-    out = {}
+def _view_layouts(moes: list[Any]) -> dict[int, FusedLayout | str]:
+    """``id(experts module) -> layout`` (or why MIGU cannot gate it) from the verified core MoE views:
+    the one source of truth for expert storage."""
+    out: dict[int, FusedLayout | str] = {}
     for m in moes:
-        storage = getattr(getattr(m, "layout", None), "storage", None)
-        experts = getattr(m, "experts_module", None)
-        if isinstance(storage, str) and storage in _VIEW_STORAGE and isinstance(experts, nn.Module):
-            out[id(experts)] = _VIEW_STORAGE[storage]
+        spec, experts = getattr(m, "fused_storage", None), getattr(m, "experts_module", None)
+        if spec is None or not isinstance(experts, nn.Module):
+            continue
+        if spec.flat or spec.up is not None or spec.up_first or spec.down_transposed != spec.transposed:
+            out[id(experts)] = (
+                "expert storage MIGU cannot slice per unit (flattened, separate up, up first, or mixed orientation)"
+            )
+            continue
+        on_input = bool(getattr(getattr(m, "layout", None), "weights_on_input", False))
+        out[id(experts)] = FusedLayout(transposed=spec.transposed, interleaved=spec.interleaved, dense=on_input)
     return out
 
 

@@ -54,7 +54,7 @@ from torch import nn
 
 from modulart.core.errors import UnsupportedModuleError
 
-__all__ = ["LAYOUTS", "ExpertPart", "FusedExperts", "FusedLayout"]
+__all__ = ["ExpertPart", "FusedExperts", "FusedLayout"]
 
 _INDEX_KWARGS = ("top_k_index", "router_indices", "selected_experts", "topk_indices")
 
@@ -75,12 +75,6 @@ class FusedLayout:
     transposed: bool
     interleaved: bool
     dense: bool = False
-
-
-# Experts classes transformers does not decorate with layout flags (class name -> layout).
-LAYOUTS: dict[str, FusedLayout] = {
-    "Llama4TextExperts": FusedLayout(transposed=True, interleaved=False, dense=True),
-}
 
 
 @dataclass
