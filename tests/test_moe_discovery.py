@@ -655,3 +655,15 @@ def test_every_expert_chosen_is_read_as_indices_not_a_one_hot_mask(n_experts: in
     assert (moe.num_experts, moe.top_k) == (n_experts, k)
     ids = torch.randint(1, 100, (2, 7), generator=torch.Generator().manual_seed(0))
     assert_exact(model, {"input_ids": ids}, moe)
+
+
+@pytest.mark.parametrize("name", ["jamba", "lfm2_moe"])
+def test_convolutions_are_not_taken_for_fused_experts(name: str) -> None:
+    # a Conv1d weight [C, 1, k] once passed for a fused experts tensor next to a Linear "router":
+    # Jamba's Mamba mixer and LFM2's short convolution were reported as MoE blocks (and refused)
+    from zoo import build as build_zoo
+
+    model = build_zoo(name).model
+    parts = moe_block_parts(model)
+    assert parts and all("mamba" not in p and not p.endswith(".conv") for p in parts)
+    assert [m.path for m in mt.find_moes(model)] == list(parts)

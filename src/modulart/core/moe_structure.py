@@ -96,8 +96,9 @@ def _list_experts(child: nn.Module) -> int | None:
 def _fused_experts(child: nn.Module, n_exp: int) -> bool:
     """A module with >= 2 own 3-D tensors, one of them ``[E, ., .]`` (or a ``ParallelExperts``-like
     module whose only tensor is a 3-D ``weight [E, ., .]``). Generous: the tensors may disagree on
-    their first dimension (LongCat-Flash stores extra rows for its identity experts)."""
-    if is_linear_like(child) or isinstance(child, (nn.ModuleList, nn.ModuleDict)):
+    their first dimension (LongCat-Flash stores extra rows for its identity experts). A convolution's
+    ``[C_out, C_in / groups, k]`` weight is not one (Mamba mixers, LFM2's short convolutions)."""
+    if is_linear_like(child) or isinstance(child, (nn.ModuleList, nn.ModuleDict, nn.modules.conv._ConvNd)):
         return False
     three = [t for t in _tensors(child, recurse=False) if t.dim() == 3]
     if not any(int(t.shape[0]) == n_exp for t in three):

@@ -270,7 +270,7 @@ def grow_checkpoint(
         raise ConfigError("dst must differ from the source directory")
     if check is None:  # layers that differ are checked against the model class
         check = None if kinds is None else True
-    new_config = None if config is None else rewrite_config_dict(config, plan, prefix, check=check)
+    new_config = None if config is None else rewrite_config_dict(config, plan, prefix, check=check, for_reload=True)
     shards = _shards(outputs, source, max_bytes)
     total = sum(source.nbytes(o.source) for o in outputs)
     buffer = bytearray(CHUNK)

@@ -51,7 +51,12 @@ def depth_key(config: dict[str, Any], blocks: str | None = None) -> str:
 
 
 def rewrite_config_dict(
-    config: dict[str, Any], plan: LayerPlan, blocks: str | None = None, *, check: bool | None = True
+    config: dict[str, Any],
+    plan: LayerPlan,
+    blocks: str | None = None,
+    *,
+    check: bool | None = True,
+    for_reload: bool = False,
 ) -> dict[str, Any]:
     """A copy of ``config`` rewritten for the grown depth (the input is not changed).
 
@@ -63,7 +68,9 @@ def rewrite_config_dict(
     rewritten config are compared block by block on the meta device
     (:func:`~modulart.stacking.skeleton.check_grown_config`); ``check=None`` does so only when the
     config states more than plain per-layer lists (:func:`~modulart.stacking.layout.plain_layout`),
-    which saves importing transformers (about 150 MiB) for the plain ones.
+    which saves importing transformers (about 150 MiB) for the plain ones. ``for_reload`` (a grown
+    checkpoint): what would only warn for a model grown in memory — a reload that would differ from
+    it (T5's relative attention bias copied off block 0, depth-dependent settings) — raises.
 
     Example:
         >>> cfg = {"num_hidden_layers": 2, "moe_layers": [1]}
@@ -87,7 +94,7 @@ def rewrite_config_dict(
     out.update(grow_layout(src, plan, plan.num_layers))
     out[key] = plan.grown_layers
     if check:
-        check_grown_config(src, out, plan, blocks)
+        check_grown_config(src, out, plan, blocks, for_reload=for_reload)
     return out
 
 

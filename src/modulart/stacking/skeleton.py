@@ -205,12 +205,16 @@ def _first_block_special(src: dict[str, Any], before: list[Signature], bad: list
     )
 
 
-def check_grown_config(src: dict[str, Any], grown: dict[str, Any], plan: LayerPlan, blocks: str | None) -> bool:
+def check_grown_config(
+    src: dict[str, Any], grown: dict[str, Any], plan: LayerPlan, blocks: str | None, *, for_reload: bool = False
+) -> bool:
     """Check that ``grown`` builds, at every position ``i``, the block ``src`` builds at ``plan[i]``.
 
     Returns True when checked, False when transformers cannot build the models (nothing checked).
     A difference only in what the model class builds into block 0 whatever the config (T5's
-    relative attention bias) is a :class:`~modulart.stacking.layout.GrowthConfigWarning`.
+    relative attention bias) is a :class:`~modulart.stacking.layout.GrowthConfigWarning` for a model
+    grown in memory, and a :class:`ConfigError` with ``for_reload`` (a grown checkpoint would then
+    reload as another model).
 
     Raises:
         ConfigError: a grown layer differs from its source layer (names the layer, what differs, and
@@ -238,6 +242,13 @@ def check_grown_config(src: dict[str, Any], grown: dict[str, Any], plan: LayerPl
         return True
     i, s = bad[0]
     what = _difference(before[s], after[i])
+    known = _depth_setting(before, after, plan, bad) or _first_block_special(src, before, bad)
+    if known and for_reload:
+        raise ConfigError(
+            f"the grown checkpoint would not reload as the grown model: grown layer {i} (a copy of layer {s}) "
+            f"would reload as a different block ({what}), and no config key can say otherwise; grow the model in "
+            "memory with modulart.stacking.grow instead (it warns about this) and save it yourself"
+        )
     if _depth_setting(before, after, plan, bad):
         warnings.warn(
             f"every grown layer differs from its source in a setting that depends on the model's depth ({what}); "
