@@ -290,12 +290,40 @@ def test_fused_mask_restricts_gradient_to_the_gate_or_up_slice(family: str, keys
     handle.remove()
 
 
-def test_fused_lora_raises_before_anything_changes() -> None:
+def test_fused_lora_with_dropout_raises_before_anything_changes() -> None:
     fam = build("mixtral")
     flags = _flags(fam.model)
-    with pytest.raises(mt.UnsupportedOperationError, match="fused"):
-        modulart.kv.apply(fam.model, mode="lora")
+    with pytest.raises(mt.UnsupportedOperationError, match="weight space"):
+        modulart.kv.apply(fam.model, mode="lora", lora_dropout=0.1)
     assert _flags(fam.model) == flags
+
+
+@pytest.mark.parametrize(("family", "target"), [("mixtral", "both"), ("gpt_oss", "keys"), ("qwen2_moe", "values")])
+def test_lora_on_fused_experts_trains_merges_and_removes_exactly(family: str, target: str) -> None:
+    # fused 3-D experts were refused in mode 'lora'; the per-expert deltas now live in weight space
+    fam = build(family)
+    model = fam.model
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    classes = [type(m) for m in model.modules()]
+    base = fam.run().logits
+    handle = modulart.kv.apply(model, target=target, mode="lora", rank=2, alpha=4.0, keys="both")
+    fused = [k for k in handle.state_dict() if k.endswith(".lora_B") and ".experts." in k]
+    assert fused, sorted(handle.state_dict())
+    with torch.no_grad():  # B starts at zero; make the deltas real
+        for d in handle.expert_lora.values():
+            d.lora_B.normal_(std=0.5)
+    assert all(p.requires_grad for d in handle.expert_lora.values() for p in d.parameters())
+    tuned = fam.run().logits
+    assert not torch.allclose(tuned, base)
+    handle.merge_()
+    torch.testing.assert_close(fam.run().logits, tuned, rtol=1e-5, atol=1e-5)
+    assert sorted(model.state_dict()) == sorted(before)  # no parametrisation left
+    merged = {k: v.clone() for k, v in model.state_dict().items()}
+    handle2 = modulart.kv.apply(model, target=target, mode="lora", keys="both")
+    handle2.remove()
+    assert [type(m) for m in model.modules()] == classes
+    after = model.state_dict()
+    assert sorted(after) == sorted(merged) and all(torch.equal(after[k], v) for k, v in merged.items())
 
 
 def test_blocks_mix_dense_and_moe_in_depth_order() -> None:

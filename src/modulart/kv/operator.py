@@ -23,6 +23,7 @@ from modulart.core.errors import IncompatibleArtifactError, UnsupportedOperation
 from modulart.core.grad_mask import GradientMasker
 from modulart.core.operator import Handle, Operator, OperatorConfig, Plan
 from modulart.kv.config import KVConfig
+from modulart.kv.expert_lora import ExpertLoRA, FusedDelta, parametrize_param, unparametrize_param
 from modulart.kv.lora import LoRA
 from modulart.kv.report import KVReport, ReportRow
 from modulart.kv.targets import Part, choose_blocks, neuron_keep, resolve_parts
@@ -39,6 +40,8 @@ class KVHandle(Handle):
         super().__init__(model, operator, config, plan)
         self.parts: list[Part] = list(plan.data.get("parts", []))
         self.lora: dict[str, LoRA] = {}
+        self.expert_lora: dict[str, ExpertLoRA] = {}  # "<param name>.<role>" -> delta on fused experts
+        self._parametrized: list[tuple[nn.Module, str]] = []
         self.keep: dict[int, tuple[torch.Tensor, torch.Tensor, int]] = {}  # id(param) -> (param, keep, axis)
         self.masker: GradientMasker | None = None
         self.optimizer: torch.optim.Optimizer | None = None
@@ -51,6 +54,10 @@ class KVHandle(Handle):
 
     # --- lifecycle ----------------------------------------------------------------------------
     def _teardown(self) -> None:
+        for owner, name in reversed(self._parametrized):
+            unparametrize_param(owner, name, merge=False)
+        self._parametrized = []
+        self.expert_lora = {}
         if self.masker is not None:
             self.masker.remove()
             self.masker = None
@@ -68,6 +75,9 @@ class KVHandle(Handle):
         self._check_live()
         for lora in self.lora.values():
             lora.merge_()
+        for owner, name in reversed(self._parametrized):
+            unparametrize_param(owner, name, merge=True)
+        self._parametrized = []
         self.remove()
         return self.model
 
@@ -77,7 +87,7 @@ class KVHandle(Handle):
         out: list[tuple[str, torch.Tensor]] = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
         for path, lora in self.lora.items():
             out += [(f"{path}.lora_A", lora.lora_A), (f"{path}.lora_B", lora.lora_B)]
-        return out
+        return out  # fused-expert deltas live in the model's parametrisations: named_parameters lists them
 
     def param_groups(self, weight_decay: float = 0.0) -> list[dict[str, Any]]:
         """Optimizer groups: matrices with ``weight_decay``; biases and 1-D tensors without (empty groups dropped).
@@ -129,13 +139,14 @@ class KVHandle(Handle):
                 if part.is_bias:
                     rows.append(_row(part, part.role, part.param.numel()))
                     continue
-                assert part.module is not None
+                key = part.module or _expert_key(part)
+                source = self.lora[key] if part.module is not None else self.expert_lora[key]
                 for which in ("lora_A", "lora_B"):
-                    t = getattr(self.lora[part.module], which)
+                    t = getattr(source, which)
                     rows.append(
                         ReportRow(
                             part.block,
-                            f"{part.module}.{which}",
+                            f"{key}.{which}",
                             f"{part.role}.{which}",
                             tuple(t.shape),
                             t.numel(),
@@ -179,17 +190,17 @@ class KVHandle(Handle):
     # --- state --------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, torch.Tensor]:
         """LoRA mode: ``<module>.lora_A [r, in]`` / ``<module>.lora_B [out, r]``; otherwise empty."""
-        out: dict[str, torch.Tensor] = {}
-        for path, lora in self.lora.items():
-            out[f"{path}.lora_A"] = lora.lora_A.detach().cpu()
-            out[f"{path}.lora_B"] = lora.lora_B.detach().cpu()
-        return out
+        return {k: v.detach().cpu() for k, v in self._lora_tensors().items()}
+
+    def _lora_tensors(self) -> dict[str, torch.Tensor]:
+        loras: dict[str, LoRA | ExpertLoRA] = {**self.lora, **self.expert_lora}
+        return {f"{path}.{w}": getattr(lora, w) for path, lora in loras.items() for w in ("lora_A", "lora_B")}
 
     def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
-        if not self.lora:
+        if not self.lora and not self.expert_lora:
             super().load_state_dict(state)
             return
-        own = {f"{path}.{w}": getattr(lora, w) for path, lora in self.lora.items() for w in ("lora_A", "lora_B")}
+        own = self._lora_tensors()
         if set(state) != set(own):
             raise IncompatibleArtifactError(
                 f"KV LoRA state keys differ: missing {sorted(set(own) - set(state))[:6]}, "
@@ -220,12 +231,12 @@ class KV(Operator):
         assert isinstance(config, KVConfig)
         blocks = choose_blocks(model, config)
         parts = resolve_parts(model, config, blocks)
-        if config.mode == "lora":
+        if config.mode == "lora" and config.lora_dropout > 0:
             fused = sorted({p.name for p in parts if p.ref is None and not p.is_bias})
             if fused:
                 raise UnsupportedOperationError(
-                    f"KV mode='lora' needs linear modules; fused expert storage {fused[:4]} is not supported "
-                    "(use mode='full' or mode='mask')"
+                    f"KV mode='lora' on fused expert storage {fused[:4]} keeps its deltas in weight space, where "
+                    f"input dropout has no place: lora_dropout = {config.lora_dropout} needs linear modules (use 0)"
                 )
         neurons = neuron_keep(blocks, config) if config.mode == "mask" else {}
         return Plan(
@@ -248,15 +259,35 @@ class KV(Operator):
             part.param.requires_grad_(cfg.mode != "lora" or part.is_bias)
         if cfg.mode == "lora":
             gen = torch.Generator().manual_seed(cfg.seed)
+            fused: dict[str, list[tuple[Part, ExpertLoRA]]] = {}
             for part in parts:
                 if part.is_bias:
                     continue
-                assert part.ref is not None and part.module is not None
+                if part.ref is None:  # fused experts: a per-expert delta on the stored 3-D tensor
+                    assert part.axis is not None
+                    index = torch.nonzero(part.keep(torch.ones(part.d_ff, dtype=torch.bool))).flatten()
+                    delta = ExpertLoRA(
+                        part.param, axis=part.axis, index=index, rank=cfg.rank, alpha=cfg.alpha, generator=gen
+                    )
+                    fused.setdefault(part.name, []).append((part, delta))
+                    continue
+                assert part.module is not None
                 lora = LoRA(part.ref, rank=cfg.rank, alpha=cfg.alpha, dropout=cfg.lora_dropout, generator=gen)
                 lora.install(handle.registry)
                 handle.lora[part.module] = lora
+            for name, pairs in fused.items():
+                owner_path, _, pname = name.rpartition(".")
+                owner = model.get_submodule(owner_path)
+                parametrize_param(owner, pname, FusedDelta([d for _, d in pairs]))
+                handle._parametrized.append((owner, pname))
+                handle.expert_lora.update({_expert_key(p): d for p, d in pairs})
         elif cfg.mode == "mask":
             _install_masks(handle, parts, plan.data["neurons"])
+
+
+def _expert_key(part: Part) -> str:
+    """The state-dict prefix of a fused part's LoRA: ``<parameter name>.<role>``."""
+    return f"{part.name}.{part.role}"
 
 
 def _install_masks(handle: KVHandle, parts: list[Part], neurons: dict[str, torch.Tensor]) -> None:
