@@ -493,3 +493,25 @@ def test_model_check_policy(monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.warns(GrowthConfigWarning, match="gives only its first block"):
         assert skeleton.check_grown_config({"name": "src"}, {"name": "moe"}, plan, None)
     assert skeleton.check_grown_config({"name": "src"}, {"name": "src"}, st.LayerPlan.stack(2, 1), None)
+
+
+def test_growing_a_decoder_rewrites_the_config_copy_its_stack_keeps() -> None:
+    # T5-style models give each stack its own config copy; the decoder sizes its KV cache from it,
+    # so a grown decoder whose copy kept the old depth failed at the first forward (IndexError)
+    from transformers import AutoConfig, AutoModelForSeq2SeqLM
+
+    import modulart as mt
+
+    cfg = AutoConfig.for_model(
+        "umt5", d_model=32, d_ff=64, d_kv=8, num_layers=2, num_decoder_layers=2, num_heads=2,
+        vocab_size=128, decoder_start_token_id=0,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = AutoModelForSeq2SeqLM.from_config(cfg).eval()
+    big = mt.stacking.grow(model, 2, blocks="decoder.block").eval()
+    assert big.decoder.config.num_layers == 4 and big.config.num_decoder_layers == 4
+    assert big.encoder.config.num_layers == 2
+    ids = torch.randint(1, 100, (2, 7), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        out = big(input_ids=ids, decoder_input_ids=ids[:, :5])
+    assert out.logits.shape == (2, 5, 128)

@@ -392,25 +392,47 @@ def _generate(model: nn.Module, ids: torch.Tensor, use_cache: bool) -> torch.Ten
     return out
 
 
-def _grow_plans(b: Built) -> list[mt.stacking.LayerPlan | int]:
+def _block_lists(model: nn.Module) -> list[str | None]:
+    """The block lists growth acts on: ``[None]`` (discovered) for one stack; an encoder-decoder's
+    encoder and decoder lists, grown one after the other so the two stacks keep equal depth."""
+    try:
+        find_block_list(model, None)
+        return [None]
+    except mt.UnsupportedModuleError:
+        pass
+    return [
+        p
+        for p, m in model.named_modules()
+        if isinstance(m, nn.ModuleList)
+        and p.endswith(("encoder.block", "encoder.layers", "decoder.block", "decoder.layers"))
+    ]
+
+
+def _grow_plans(b: Built, blocks: str | None) -> list[mt.stacking.LayerPlan | int]:
     """G_stack ×2 first; an interleaved ×2 plan (0,0,1,1,...) when the config cannot express the stack
     (a dense layer after a MoE layer under ``first_k_dense_replace``: a typed refusal, checked in
-    tests/test_stacking_identity.py). Encoder-decoders, with two block lists, are refused here:
-    growth needs ``blocks=`` to pick one."""
-    n = len(find_block_list(b.model, None)[1])
+    tests/test_stacking_identity.py)."""
+    n = len(find_block_list(b.model, blocks)[1])
     return [2, mt.stacking.LayerPlan.interleave(n, 2)]
 
 
-def _grow_in_memory(b: Built) -> tuple[nn.Module, mt.stacking.LayerPlan | int]:
-    """The grown model and the plan used (raises the last refusal when no plan is expressible)."""
-    err: ModulartError | None = None
-    for plan in _grow_plans(b):
-        try:
-            return mt.stacking.grow(b.model, plan).eval(), plan
-        except mt.ConfigError as e:
-            err = e
-    assert err is not None
-    raise err
+def _grow_in_memory(b: Built) -> tuple[nn.Module, list[tuple[str | None, mt.stacking.LayerPlan | int]]]:
+    """The grown model and the (blocks, plan) steps used (raises the last refusal when no plan is
+    expressible)."""
+    model, steps = b.model, []
+    for blocks in _block_lists(b.model):
+        err: ModulartError | None = None
+        for plan in _grow_plans(b, blocks):
+            try:
+                model = mt.stacking.grow(model, plan, blocks=blocks).eval()
+                steps.append((blocks, plan))
+                break
+            except mt.ConfigError as e:
+                err = e
+        else:
+            assert err is not None
+            raise err
+    return model, steps
 
 
 def check_grow_generate(b: Built) -> Outcome:
@@ -452,8 +474,10 @@ def check_grow_checkpoint(b: Built) -> Outcome:
         src = Path(tmp) / "small"
         try:
             b.model.save_pretrained(src)  # type: ignore[operator]
-            want, plan = _grow_in_memory(b)
-            out = mt.stacking.grow_checkpoint(src, Path(tmp) / "big", plan, progress=False)
+            want, steps = _grow_in_memory(b)
+            out = src
+            for i, (blocks, plan) in enumerate(steps):
+                out = mt.stacking.grow_checkpoint(out, Path(tmp) / f"big{i}", plan, blocks=blocks, progress=False)
         except ModulartError as err:
             return _refused(err)
         except Exception as err:

@@ -204,9 +204,19 @@ SELECTION_BIASES = ("e_score_correction_bias", "expert_bias")
 def randomize(model: nn.Module, seed: int) -> nn.Module:
     """Random non-zero values for every parameter except norms; random selection biases; eval mode."""
     g = torch.Generator().manual_seed(seed)
+    # sinusoidal position tables (Marian...) are parameters the model class recomputes on load:
+    # random values there would make every save/reload comparison differ for reasons of the zoo's own
+    fixed = {
+        f"{p}.{n}" if p else n
+        for p, m in model.named_modules()
+        if "sinusoidal" in type(m).__name__.lower()
+        for n, _ in m.named_parameters(recurse=False)
+    }
     with torch.no_grad():
         for name, p in model.named_parameters():
             leaf = name.rsplit(".", 1)[-1]
+            if name in fixed:
+                continue
             if leaf in SELECTION_BIASES:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.5)
             elif p.dim() >= 1 and "norm" not in name.lower():

@@ -91,6 +91,22 @@ def new_positions(plan: LayerPlan, operator: str) -> list[int]:
     return [i for i in range(plan.grown_layers) if i not in keep]
 
 
+def _rewrite_stack_configs(grown: nn.Module, path: str, plan: LayerPlan) -> None:
+    """Rewrite the configs that the modules holding the block list keep of their own.
+
+    Encoder-decoders (T5 and relatives) give each stack a copy of the config whose depth key is that
+    stack's depth; the decoder sizes its KV cache from it, so a grown decoder with the old depth in
+    its copy fails at the first cached forward.
+    """
+    root = getattr(grown, "config", None)
+    parts = path.split(".")
+    for i in range(1, len(parts)):
+        holder = grown.get_submodule(".".join(parts[:i]))
+        own = getattr(holder, "config", None)
+        if own is not None and own is not root and hasattr(own, "to_dict"):
+            rewrite_config(own, plan, ".".join(parts[i:]), check=False)
+
+
 def grow(
     model: nn.Module,
     plan: LayerPlan | int,
@@ -153,6 +169,7 @@ def grow(
         grown_blocks.append(block)
     if getattr(grown, "config", None) is not None and hasattr(grown.config, "to_dict"):
         rewrite_config(grown.config, plan, path, check=False)
+    _rewrite_stack_configs(grown, path, plan)
 
     gen = torch.Generator().manual_seed(cfg.seed)
     if cfg.operator == "zero":
