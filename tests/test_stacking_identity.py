@@ -515,3 +515,42 @@ def test_growing_a_decoder_rewrites_the_config_copy_its_stack_keeps() -> None:
     with torch.no_grad():
         out = big(input_ids=ids, decoder_input_ids=ids[:, :5])
     assert out.logits.shape == (2, 5, 128)
+
+
+def test_t5_copies_of_block_0_drop_its_relative_bias_and_reload_exactly(tmp_path: Path) -> None:
+    # T5 builds the relative attention bias into block 0 only and hands position_bias to the later
+    # blocks; growth once kept the bias in later copies, so the checkpoint reloaded with other keys
+    import copy
+
+    from transformers import AutoConfig, AutoModelForSeq2SeqLM
+
+    import modulart as mt
+
+    cfg = AutoConfig.for_model(
+        "t5", d_model=32, d_ff=64, d_kv=8, num_layers=2, num_decoder_layers=2, num_heads=2, vocab_size=128,
+        decoder_start_token_id=0,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = AutoModelForSeq2SeqLM.from_config(cfg).eval()
+    big = mt.stacking.grow(mt.stacking.grow(model, 2, blocks="encoder.block"), 2, blocks="decoder.block").eval()
+    attn = big.decoder.block[2].layer[0].SelfAttention
+    assert not attn.has_relative_attention_bias and not hasattr(attn, "relative_attention_bias")
+    ids = torch.randint(1, 100, (2, 7), generator=torch.Generator().manual_seed(0))
+    inputs = {"input_ids": ids, "decoder_input_ids": ids[:, :5]}
+    kept = copy.deepcopy(big)  # the copy as it was: its own bias, never used (position_bias is passed in)
+    for stack in (kept.encoder, kept.decoder):
+        a = stack.block[2].layer[0].SelfAttention
+        a.has_relative_attention_bias = True
+        a.relative_attention_bias = copy.deepcopy(stack.block[0].layer[0].SelfAttention.relative_attention_bias)
+    with torch.no_grad():
+        torch.testing.assert_close(big(**inputs).logits, kept(**inputs).logits, rtol=0, atol=0)
+    model.save_pretrained(tmp_path / "small")
+    mid = mt.stacking.grow_checkpoint(tmp_path / "small", tmp_path / "mid", 2, blocks="encoder.block", progress=False)
+    out = mt.stacking.grow_checkpoint(mid, tmp_path / "big", 2, blocks="decoder.block", progress=False)
+    loaded = AutoModelForSeq2SeqLM.from_pretrained(out).eval()
+    assert loaded.state_dict().keys() == big.state_dict().keys()
+    assert all(torch.equal(v, big.state_dict()[k]) for k, v in loaded.state_dict().items())
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**inputs).logits, big(**inputs).logits)
+    with pytest.raises(mt.ConfigError, match="must be a copy of block 0"):
+        mt.stacking.grow(model, mt.stacking.LayerPlan.from_list([1, 0], 2), blocks="decoder.block")

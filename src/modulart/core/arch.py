@@ -268,10 +268,19 @@ class BlockGrowthInfo:
             Zeroing them and the FFN values turns a pre-norm block into the identity (G_zero).
         index_attrs: names of integer attributes of the block's submodules that store the block's
             own position (``layer_idx`` addresses the KV cache in Hugging Face models).
+        first_block_only: submodules (paths relative to the block) that the model class builds
+            only into the first block of its stack, whose result the stack hands to the later blocks
+            (T5's relative attention bias: later blocks receive ``position_bias`` and never use
+            their own). A copy of block 0 placed later drops them, which leaves the function as it
+            is and makes the grown model what ``from_pretrained`` builds from the grown config.
+        first_block_flags: boolean attributes (paths relative to the block) that are True only in
+            the first block; set False in such copies.
     """
 
     residual_outputs: tuple[str, ...]
     index_attrs: tuple[str, ...] = ("layer_idx", "layer_id", "layer_index", "layer_number")
+    first_block_only: tuple[str, ...] = ()
+    first_block_flags: tuple[str, ...] = ()
 
 
 BLOCK_GROWTH: TypeTable[BlockGrowthInfo] = TypeTable()
@@ -289,8 +298,16 @@ for _name, _info in {
     "OPTDecoderLayer": ("self_attn.out_proj",),
     "BertLayer": ("attention.output.dense", "crossattention.output.dense"),
     "ViTLayer": ("attention.o_proj", "attention.output.dense"),
-    "T5Block": ("layer.0.SelfAttention.o", "layer.1.EncDecAttention.o"),
 }.items():
     BLOCK_GROWTH.register(_name, BlockGrowthInfo(residual_outputs=_info))
+for _name in ("T5Block", "MT5Block", "SwitchTransformersBlock"):  # relative position bias in block 0 only
+    BLOCK_GROWTH.register(
+        _name,
+        BlockGrowthInfo(
+            residual_outputs=("layer.0.SelfAttention.o", "layer.1.EncDecAttention.o"),
+            first_block_only=("layer.0.SelfAttention.relative_attention_bias",),
+            first_block_flags=("layer.0.SelfAttention.has_relative_attention_bias",),
+        ),
+    )
 # generic fallback: attention output projections under these names (relative paths, suffix match)
 BLOCK_GROWTH_GENERIC = BlockGrowthInfo(residual_outputs=("o_proj", "out_proj", "attn.c_proj", "attention.dense"))

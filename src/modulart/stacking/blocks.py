@@ -18,7 +18,7 @@ from torch import nn
 from modulart.core.arch import BLOCK_GROWTH, BLOCK_GROWTH_GENERIC, BlockGrowthInfo, get_attr
 from modulart.core.errors import UnsupportedModuleError
 
-__all__ = ["block_info", "find_block_list", "reindex_block"]
+__all__ = ["block_info", "block_info_by_name", "find_block_list", "place_first_block_copy", "reindex_block"]
 
 
 def _homogeneous(m: nn.Module) -> bool:
@@ -108,6 +108,39 @@ def find_block_list(model: nn.Module, blocks: str | None = None) -> tuple[str, n
 def block_info(block: nn.Module) -> BlockGrowthInfo:
     """The :class:`~modulart.core.arch.BlockGrowthInfo` of a block class (table, else the generic one)."""
     return BLOCK_GROWTH.lookup(type(block)) or BLOCK_GROWTH_GENERIC
+
+
+def block_info_by_name(class_name: str) -> BlockGrowthInfo:
+    """:func:`block_info` for a class known only by name (from a meta-device skeleton)."""
+    return BLOCK_GROWTH.lookup(type(class_name, (), {})) or BLOCK_GROWTH_GENERIC
+
+
+def place_first_block_copy(block: nn.Module, position: int) -> list[str]:
+    """Make a copy of a stack's first block fit ``position``: drop what the model class builds only
+    into block 0 (:attr:`~modulart.core.arch.BlockGrowthInfo.first_block_only`) and clear its flags,
+    so the copy is what ``from_pretrained`` would build there. Returns the dropped paths.
+
+    Example:
+        >>> from torch import nn
+        >>> place_first_block_copy(nn.Linear(2, 2), 3)  # no first-block-only parts: nothing to do
+        []
+    """
+    info = block_info(block)
+    if position == 0 or not info.first_block_only:
+        return []
+    dropped = []
+    for path in info.first_block_only:
+        parent, _, name = path.rpartition(".")
+        holder = get_attr(block, parent)
+        if isinstance(holder, nn.Module) and name in holder._modules:
+            delattr(holder, name)
+            dropped.append(path)
+    for flag in info.first_block_flags:
+        parent, _, name = flag.rpartition(".")
+        holder = get_attr(block, parent)
+        if hasattr(holder, name):
+            setattr(holder, name, False)
+    return dropped
 
 
 def reindex_block(block: nn.Module, old: int, new: int) -> list[str]:

@@ -29,6 +29,7 @@ from typing import Any
 from modulart._version import __version__
 from modulart.core.errors import ConfigError, IncompatibleArtifactError
 from modulart.core.io import atomic_directory
+from modulart.stacking.blocks import block_info_by_name
 from modulart.stacking.hfconfig import depth_key, rewrite_config_dict
 from modulart.stacking.layout import layer_kinds
 from modulart.stacking.operators import get_operator
@@ -104,12 +105,14 @@ def plan_outputs(
     operator: str = "direct",
     blocks: str | None = None,
     kinds: Sequence[Hashable] | None = None,
+    first_only: Sequence[str] = (),
 ) -> list[OutputTensor]:
     """The grown checkpoint's tensors in file order (validates the plan against the checkpoint).
 
     Grown layer ``i`` holds the tensors of source layer ``plan[i]``, so layers that differ (dense and
     MoE) keep their own tensors; ``kinds`` (see :func:`~modulart.stacking.source.block_prefix`)
-    says which layers may differ.
+    says which layers may differ. Copies of layer 0 placed later leave out the tensors under
+    ``first_only`` (module paths the model class builds into its first block only).
 
     Example:
         >>> [o.name + "<-" + o.source for o in plan_outputs(["l.0.w", "l.1.w"], LayerPlan.from_list([1, 1], 2))]
@@ -133,6 +136,8 @@ def plan_outputs(
             out.append(OutputTensor(n, n))
     for i, s in enumerate(plan):
         for suffix in sorted(layers[s]):
+            if s == 0 and i != 0 and any(suffix.startswith(f + ".") for f in first_only):
+                continue
             zero = i in new and _is_residual_output(suffix)
             out.append(OutputTensor(f"{prefix}.{i}.{suffix}", f"{prefix}.{s}.{suffix}", zero))
     if operator == "zero" and not any(o.zero for o in out):
@@ -140,6 +145,16 @@ def plan_outputs(
             f"operator 'zero': no tensor of {prefix!r} looks like a residual output {RESIDUAL_OUTPUT_NAMES}"
         )
     return sorted(out, key=lambda o: _natural(o.name))
+
+
+def _first_block_only(kinds: Sequence[Hashable] | None) -> tuple[str, ...]:
+    """The first-block-only parts of the block class the per-layer kinds were built from (or none)."""
+    if not kinds:
+        return ()
+    first = kinds[0]
+    classes = first[0] if isinstance(first, tuple) and first and isinstance(first[0], tuple) else ()
+    name = dict(c for c in classes if isinstance(c, tuple) and len(c) == 2).get("")
+    return block_info_by_name(str(name).rsplit(".", 1)[-1]).first_block_only if name else ()
 
 
 def source_config(source: Source) -> dict[str, Any] | None:
@@ -261,7 +276,7 @@ def grow_checkpoint(
     prefix, layers, kinds = source_layers(source, blocks, config)
     if not isinstance(plan, LayerPlan):
         plan = LayerPlan.stack(len(layers), plan)
-    outputs = plan_outputs(names, plan, operator, prefix, kinds)
+    outputs = plan_outputs(names, plan, operator, prefix, kinds, _first_block_only(kinds))
     max_bytes = parse_size(max_shard_size)
     dst_p = Path(dst)
     if dst_p.exists() and not overwrite:

@@ -32,7 +32,7 @@ from torch import nn
 
 from modulart.core.errors import ConfigError
 from modulart.core.operator import OperatorConfig, option
-from modulart.stacking.blocks import find_block_list, reindex_block
+from modulart.stacking.blocks import block_info, find_block_list, place_first_block_copy, reindex_block
 from modulart.stacking.hfconfig import rewrite_config
 from modulart.stacking.operators import OPERATORS, GrowthRamp, get_operator, randomize_block, zero_block_outputs
 from modulart.stacking.plan import LayerPlan
@@ -147,6 +147,12 @@ def grow(
     cfg = GrowthConfig.from_dict({**(config.to_dict() if config else {}), **overrides})
     path, source_blocks = find_block_list(model, cfg.blocks)
     plan = resolve_plan(plan, len(source_blocks))
+    if plan[0] != 0 and block_info(source_blocks[0]).first_block_only:
+        raise ConfigError(
+            f"plan {plan.describe()}: the grown block 0 must be a copy of block 0 for "
+            f"{type(source_blocks[0]).__name__}, whose first block alone holds "
+            f"{list(block_info(source_blocks[0]).first_block_only)}"
+        )
     new = new_positions(plan, cfg.operator)
     if cfg.operator == "learn" and loss_fn is None:
         raise ConfigError("operator 'learn' needs loss_fn(model) -> loss to fit the mixing coefficients")
@@ -166,6 +172,8 @@ def grow(
         # block's own tensors are copied afresh for every use
         block = copy.deepcopy(source_blocks[s], dict(memo))
         reindex_block(block, s, i)
+        if s == 0:
+            place_first_block_copy(block, i)
         grown_blocks.append(block)
     if getattr(grown, "config", None) is not None and hasattr(grown.config, "to_dict"):
         rewrite_config(grown.config, plan, path, check=False)

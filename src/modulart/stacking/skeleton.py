@@ -33,7 +33,7 @@ from torch import nn
 
 from modulart.core.arch import get_attr
 from modulart.core.errors import ConfigError, UnsupportedModuleError
-from modulart.stacking.blocks import block_info, find_block_list
+from modulart.stacking.blocks import block_info, block_info_by_name, find_block_list
 from modulart.stacking.layout import LAYER_KEYS, GrowthConfigWarning, IndexSetKey, ListKey, per_layer_keys
 from modulart.stacking.plan import LayerPlan
 
@@ -205,6 +205,30 @@ def _first_block_special(src: dict[str, Any], before: list[Signature], bad: list
     )
 
 
+def _placed_first_copy(before: list[Signature], after: list[Signature], i: int, s: int) -> bool:
+    """A copy of block 0 at a later position of a stack whose class builds some parts into block 0
+    only: growth drops them (:func:`~modulart.stacking.blocks.place_first_block_copy`), so the copy
+    must equal what the class builds at any later position."""
+    if s != 0 or i == 0:
+        return False
+    cls = dict(before[0][0]).get("")
+    info = block_info_by_name(cls.rsplit(".", 1)[-1]) if cls is not None else None
+    if info is None or not info.first_block_only:
+        return False
+    classes, tensors, attrs = before[0]
+
+    def first_only(path: str) -> bool:
+        return any(path == f or path.startswith(f + ".") for f in info.first_block_only)
+
+    flags = set(info.first_block_flags)
+    placed = (
+        tuple(c for c in classes if not first_only(c[0])),
+        tuple(t for t in tensors if not first_only(t[0])),
+        tuple(sorted((k, repr(False) if k in flags else v) for k, v in attrs if not first_only(k))),
+    )
+    return after[i] == placed
+
+
 def check_grown_config(
     src: dict[str, Any], grown: dict[str, Any], plan: LayerPlan, blocks: str | None, *, for_reload: bool = False
 ) -> bool:
@@ -237,7 +261,7 @@ def check_grown_config(
     before, after = src_sk.layers, grown_sk.layers
     if len(after) != plan.grown_layers:
         raise ConfigError(f"the rewritten config builds {len(after)} layers; plan {plan.describe()} needs them all")
-    bad = [(i, s) for i, s in enumerate(plan) if after[i] != before[s]]
+    bad = [(i, s) for i, s in enumerate(plan) if after[i] != before[s] and not _placed_first_copy(before, after, i, s)]
     if not bad:
         return True
     i, s = bad[0]
