@@ -1,8 +1,8 @@
 """Cost of view discovery (with verification) against one forward pass of the same model.
 
 ``find_ffns`` + ``find_moes`` are timed on a model seen for the first time: every round works on
-a fresh copy of the model and, where the core exposes ``clear_verification_cache``, empties the
-per-block-type verification cache first, so each timed call discovers *and* verifies from
+a fresh copy of the model and ``mt.clear_verification_cache()`` empties the per-block-type
+verification and discovery caches first, so each timed call discovers *and* verifies from
 scratch. The baseline, measured in the same run, is one no-grad forward of the same model on a
 ``1 x 32``-token batch. Models:
 
@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import importlib
 import json
 import statistics
 import time
@@ -33,18 +32,6 @@ import torch
 from torch import nn
 
 import modulart as mt
-
-
-def clear_cache_function() -> Callable[[], None] | None:
-    """``clear_verification_cache`` wherever the core exposes it (or None)."""
-    for module in ("modulart.core", "modulart.core.verify"):
-        try:
-            fn = getattr(importlib.import_module(module), "clear_verification_cache", None)
-        except ImportError:
-            continue
-        if callable(fn):
-            return fn  # type: ignore[no-any-return]
-    return None
 
 
 def minilm() -> tuple[nn.Module, int]:
@@ -105,7 +92,7 @@ def discover(model: nn.Module) -> tuple[int, int]:
     return len(ffns), len(moes)
 
 
-def bench(name: str, rounds: int, seq: int, clear: Callable[[], None] | None) -> dict[str, Any]:
+def bench(name: str, rounds: int, seq: int) -> dict[str, Any]:
     base, vocab = MODELS[name]()
     ids = torch.randint(1, vocab, (1, seq), generator=torch.Generator().manual_seed(1))
 
@@ -120,8 +107,7 @@ def bench(name: str, rounds: int, seq: int, clear: Callable[[], None] | None) ->
     counts = (0, 0)
     for r in range(rounds):
         model = copy.deepcopy(base)  # never seen by modulart
-        if clear is not None:
-            clear()
+        mt.clear_verification_cache()  # discovery and verification from scratch
         order = ("forward", "discover") if r % 2 == 0 else ("discover", "forward")
         for step in order:
             t0 = time.perf_counter()
@@ -132,7 +118,7 @@ def bench(name: str, rounds: int, seq: int, clear: Callable[[], None] | None) ->
                 counts = discover(model)
                 cold.append(time.perf_counter() - t0)
         t0 = time.perf_counter()
-        discover(copy.deepcopy(base) if clear is None else model)
+        discover(model)  # the same model again: every block type is cached now
         warm.append(time.perf_counter() - t0)
     med = {"discovery_cold": statistics.median(cold), "discovery_warm": statistics.median(warm)}
     med["forward"] = statistics.median(fwd)
@@ -159,15 +145,14 @@ def main() -> None:
     if unknown:
         ap.error(f"unknown models {unknown}; known: {list(MODELS)}")
 
-    clear = clear_cache_function()
-    results = {n: bench(n, args.rounds, args.seq, clear) for n in names}
+    results = {n: bench(n, args.rounds, args.seq) for n in names}
     result = {
         "benchmark": "discovery",
         "rounds": args.rounds,
         "batch": [1, args.seq],
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
-        "verification_cache_cleared": clear is not None,
+        "verification_cache_cleared": True,
         "target_ratio_cold_vs_forward": args.target,
         "models": results,
         "met": {n: r["ratio_cold_vs_forward"] <= args.target for n, r in results.items()},
@@ -181,8 +166,6 @@ def main() -> None:
             f"forward {med['forward'] * 1e3:7.2f} ms; "
             f"cold/forward {r['ratio_cold_vs_forward']:.2f}x (target <= {args.target:g}: {verdict})"
         )
-    if clear is None:
-        print("note: the core exposes no clear_verification_cache; each round uses a fresh deep copy")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {args.out}")

@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import modulart as mt
+from families import PlainTransformer
 
 Kind = Literal["causal", "encoder", "seq2seq", "vision", "non_hf"]
 Support = Literal["exact", "refuse", "either"]
@@ -1508,6 +1509,30 @@ ENTRIES: list[Entry] = [
         "non_hf",
         _non_hf(lambda: Blocks([NanoBlock() for _ in range(2)])),
         ffn=_plain("NanoMLP", d_ff=128, act="nn.GELU", note="c_fc / gelu / c_proj / dropout (nn.Linear)"),
+    ),
+    # the hand-written transformer the older tests use (tests/families.py): PlainMLP / a softmax-top-k MoE
+    Entry(
+        "plain",
+        "non_hf",
+        _non_hf(lambda: PlainTransformer()),
+        ffn=_plain("PlainMLP", n=3, act="nn.GELU", note="fc_in / GELU / fc_out in a pre-norm block"),
+    ),
+    Entry(
+        "plain_moe",
+        "non_hf",
+        _non_hf(lambda: PlainTransformer(moe=True)),
+        moe=MoEFacts(
+            "PlainMoE",
+            3,
+            4,
+            2,
+            64,
+            "softmax_topk",
+            True,
+            "module_list",
+            router="router",
+            note="per-expert ModuleList of SwiGLU (w1, w3, w2), nn.Linear router",
+        ),
     ),
     Entry(
         "sequential_mlp",
