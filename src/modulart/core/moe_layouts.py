@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from modulart.core.arch import TypeTable, get_attr
+from modulart.core.errors import ConfigError
 from modulart.core.moe_storage import GLU_VARIANTS
 from modulart.core.moe_structure import MoEParts, block_parts, try_attr
 from modulart.core.moe_structure import moe_block_parts as _structural_parts
@@ -145,7 +146,7 @@ class MoELayout:
         if self.storage == "fused" and self.custom_storage:
             object.__setattr__(self, "storage", "fused_custom")
         if self.scoring == "custom" and self.score_fn is None:
-            raise ValueError("MoELayout.score_fn: scoring='custom' needs a score_fn callable")
+            raise ConfigError("MoELayout.score_fn: scoring='custom' needs a score_fn callable")
 
     @property
     def custom_storage(self) -> bool:

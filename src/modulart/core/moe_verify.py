@@ -79,9 +79,6 @@ class BlockRecord:
     tuple_output: bool = False
 
 
-PROBES = {"count": 0}  # number of probe forwards run (tests read it)
-
-
 def _compute_dtype(module: nn.Module) -> tuple[torch.dtype, torch.device]:
     floats = [t for t in [*module.parameters(), *module.buffers()] if t.is_floating_point()]
     if not floats:
@@ -113,7 +110,6 @@ def record_block(
                 taps[f"expert:{i}"] = child
     g = torch.Generator().manual_seed(0)
     x = torch.randn(PROBE_BATCH, PROBE_TOKENS, d_model, generator=g).to(device=device, dtype=dtype)
-    PROBES["count"] += 1
     try:
         t = trace(module, taps, lambda: module(x))
         t.input("block")

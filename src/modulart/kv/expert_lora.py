@@ -34,6 +34,8 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from modulart.core.errors import ShapeError
+
 __all__ = ["ExpertLoRA", "FusedDelta", "parametrize_param", "unparametrize_param"]
 
 
@@ -60,7 +62,7 @@ class ExpertLoRA(nn.Module):
     ) -> None:
         super().__init__()
         if param.dim() != 3 or axis not in (1, 2):
-            raise ValueError(f"ExpertLoRA needs a 3-D parameter and axis 1 or 2, got {tuple(param.shape)}, {axis}")
+            raise ShapeError(f"ExpertLoRA needs a 3-D parameter and axis 1 or 2, got {tuple(param.shape)}, {axis}")
         experts, m = int(param.shape[0]), int(param.shape[3 - axis])
         dtype = torch.float32 if param.dtype in (torch.float16, torch.bfloat16) else param.dtype
         a = torch.empty(experts, rank, m, dtype=torch.float32)
