@@ -374,20 +374,8 @@ def _moe_exclusions(model: nn.Module, include_shared_experts: bool) -> list[str]
         if include_shared_experts:
             out.extend((*parts.experts, *((parts.router,) if parts.router else ())))
         else:
-            out.extend((path, *_sibling_shared_experts(model, path)))
+            out.extend((path, *parts.beside))
     return out
-
-
-def _sibling_shared_experts(model: nn.Module, moe_path: str) -> list[str]:
-    """Shared experts kept next to their MoE block rather than inside it (GraniteMoE-shared's
-    ``shared_mlp`` beside ``block_sparse_moe``): siblings whose name says ``shared``."""
-    parent, _, _ = moe_path.rpartition(".")
-    if not moe_path:
-        return []
-    holder = model.get_submodule(parent)
-    return [
-        _join(parent, n) for n, c in holder.named_children() if "shared" in n.lower() and _join(parent, n) != moe_path
-    ]
 
 
 def _no_ffn_message(model: nn.Module, notes: list[str]) -> str:

@@ -34,7 +34,7 @@ Example:
     ...         self.experts = nn.ModuleList([Expert() for _ in range(4)])
     ...         self.shared = Expert()
     >>> moe_block_parts(nn.Sequential(Block()))["0"]
-    MoEParts(router='0.router', experts=('0.experts',), shared=('0.shared',))
+    MoEParts(router='0.router', experts=('0.experts',), shared=('0.shared',), beside=())
 """
 
 from __future__ import annotations
@@ -59,11 +59,15 @@ class MoEParts:
         router: the router module (the module holding the ``[E, d]`` weight or its parent), or None.
         experts: the routed-expert containers (usually one; JetMoE has two sibling containers).
         shared: the shared (always-on) experts inside the block.
+        beside: shared experts kept next to the block rather than inside it (GraniteMoE-shared's
+            ``shared_mlp`` beside ``block_sparse_moe``; the layer adds them): siblings whose name
+            says ``shared``. They are no part of the block's view, and no dense FFN of the layer either.
     """
 
     router: str | None
     experts: tuple[str, ...]
     shared: tuple[str, ...] = ()
+    beside: tuple[str, ...] = ()
 
 
 def _join(a: str, b: str) -> str:
@@ -201,8 +205,22 @@ def moe_block_parts(
             router=_join(path, parts.router) if parts.router is not None else None,
             experts=tuple(_join(path, e) for e in parts.experts),
             shared=tuple(_join(path, s) for s in parts.shared),
+            beside=_beside(model, path),
         )
     return found
+
+
+def _beside(model: nn.Module, path: str) -> tuple[str, ...]:
+    """The siblings of the block at ``path`` whose name says ``shared`` (see :attr:`MoEParts.beside`)."""
+    if not path:
+        return ()
+    parent = path.rpartition(".")[0]
+    holder = model.get_submodule(parent)
+    return tuple(
+        _join(parent, n)
+        for n, c in holder.named_children()
+        if "shared" in n.lower() and _join(parent, n) != path and any(True for _ in c.parameters())
+    )
 
 
 def try_attr(root: object, path: str) -> object | None:
