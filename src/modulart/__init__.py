@@ -28,11 +28,13 @@ if TYPE_CHECKING:
     from modulart import stacking as stacking
     from modulart.core.arch import FFNLayout, register_ffn_layout
     from modulart.core.errors import (
+        CompositionError,
         ConfigError,
         HookError,
         HooksNotFiredError,
         IncompatibleArtifactError,
         ModulartError,
+        OperatorExistsError,
         OperatorNotFoundError,
         SelectorError,
         ShapeError,
@@ -40,16 +42,19 @@ if TYPE_CHECKING:
         UnsupportedOperationError,
     )
     from modulart.core.ffn import FFN, find_ffns
+    from modulart.core.fingerprint import Fingerprint, fingerprint
     from modulart.core.hooks import HookHandle, HookRegistry, HookSite, HookSpec, Priority, capture
-    from modulart.core.io import Fingerprint, fingerprint, from_pretrained, push_to_hub
+    from modulart.core.io import push_to_hub, resolve_artifact
     from modulart.core.moe import MoE, find_moes
     from modulart.core.moe_layouts import MoELayout, register_moe_layout
     from modulart.core.operator import (
         Handle,
         Operator,
         OperatorConfig,
+        apply,
         available_operators,
         get_operator,
+        load,
         register_operator,
     )
     from modulart.core.probe import set_probe_inputs
@@ -87,16 +92,20 @@ _EXPORTS: dict[str, str] = {
     "register_operator": "modulart.core.operator",
     "get_operator": "modulart.core.operator",
     "available_operators": "modulart.core.operator",
+    "apply": "modulart.core.operator",
+    "load": "modulart.core.operator",
     # artefacts
-    "Fingerprint": "modulart.core.io",
-    "fingerprint": "modulart.core.io",
-    "from_pretrained": "modulart.core.io",
+    "Fingerprint": "modulart.core.fingerprint",
+    "fingerprint": "modulart.core.fingerprint",
+    "resolve_artifact": "modulart.core.io",
     "push_to_hub": "modulart.core.io",
     # errors
     "ModulartError": "modulart.core.errors",
     "UnsupportedModuleError": "modulart.core.errors",
     "SelectorError": "modulart.core.errors",
     "ConfigError": "modulart.core.errors",
+    "CompositionError": "modulart.core.errors",
+    "OperatorExistsError": "modulart.core.errors",
     "ShapeError": "modulart.core.errors",
     "IncompatibleArtifactError": "modulart.core.errors",
     "HookError": "modulart.core.errors",
@@ -107,6 +116,7 @@ _EXPORTS: dict[str, str] = {
 
 __all__ = [
     "FFN",
+    "CompositionError",
     "ConfigError",
     "FFNLayout",
     "Fingerprint",
@@ -124,6 +134,7 @@ __all__ = [
     "ModulartError",
     "Operator",
     "OperatorConfig",
+    "OperatorExistsError",
     "OperatorNotFoundError",
     "Priority",
     "Selector",
@@ -132,6 +143,7 @@ __all__ = [
     "UnsupportedModuleError",
     "UnsupportedOperationError",
     "__version__",
+    "apply",
     "as_selector",
     "available_operators",
     "capture",
@@ -139,12 +151,13 @@ __all__ = [
     "find_ffns",
     "find_moes",
     "fingerprint",
-    "from_pretrained",
     "get_operator",
+    "load",
     "push_to_hub",
     "register_ffn_layout",
     "register_moe_layout",
     "register_operator",
+    "resolve_artifact",
     "select_layers",
     "set_probe_inputs",
 ]
@@ -166,4 +179,5 @@ def __getattr__(name: str) -> Any:
 
 
 def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_EXPORTS) | set(_SUBPACKAGES))
+    # exactly the public names: not the helpers this file imports (importlib, Any, TYPE_CHECKING, ...)
+    return sorted({*__all__, *_SUBPACKAGES})

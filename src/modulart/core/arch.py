@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 from modulart.core.errors import ConfigError
-from modulart.core.linear import LinearRef, is_linear_like
+from modulart.core.linear import LinearRef, is_linear_map
 
 __all__ = [
     "BLOCK_GROWTH",
@@ -210,7 +210,7 @@ def infer_ffn_layout(module: nn.Module) -> FFNLayout | None:
     told apart by their names: ``gate_proj``/``w1``/``wi_0``... vs ``up_proj``/``w3``/``wi_1``...).
     """
     children = dict(module.named_children())
-    linears = {n: m for n, m in children.items() if is_linear_like(m)}
+    linears = {n: m for n, m in children.items() if is_linear_map(m)}
     acts = [n for n, m in children.items() if _is_activation(m)]
     if len(acts) != 1 or len(linears) not in (2, 3):
         return None

@@ -42,6 +42,8 @@ __all__ = [
     "HookKind",
     "Priority",
     "dispatcher_for",
+    "has_module_dispatchers",
+    "move_module_dispatchers",
     "suspended",
 ]
 
@@ -54,7 +56,7 @@ HookKind: TypeAlias = Literal[
     "optimizer_step_post",
 ]
 HOOK_KINDS: tuple[HookKind, ...] = get_args(HookKind)
-MODULE_KINDS = ("forward", "forward_pre")
+MODULE_KINDS: tuple[HookKind, ...] = ("forward", "forward_pre")
 HookTarget: TypeAlias = "nn.Module | torch.Tensor | torch.optim.Optimizer | str"
 
 
@@ -203,6 +205,10 @@ class _Dispatcher:
             self._finalizer.detach()
             if _DISPATCHERS.get(self.key) is self:
                 del _DISPATCHERS[self.key]
+            if self.kind in MODULE_KINDS:
+                from modulart.core import rehome  # here: rehome imports this module
+
+                rehome.unwatch(self.target_ref())
 
     # --- the torch-facing callbacks -----------------------------------------------------------
     def _run_forward(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> Any:
@@ -295,3 +301,39 @@ def dispatcher_for(target: Any, kind: HookKind) -> _Dispatcher:
         d = _Dispatcher(target, kind)
         _DISPATCHERS[key] = d
     return d
+
+
+def _live(target: Any, kind: HookKind) -> _Dispatcher | None:
+    d = _DISPATCHERS.get((id(target), kind))
+    return d if d is not None and d.target_ref() is target and d.entries else None
+
+
+def has_module_dispatchers(module: nn.Module) -> bool:
+    """Whether any modulart callback is installed on ``module`` (forward or forward-pre)."""
+    return any(_live(module, kind) is not None for kind in MODULE_KINDS)
+
+
+def move_module_dispatchers(old: nn.Module, new: nn.Module) -> int:
+    """Move every modulart forward / forward-pre callback from ``old`` to ``new``; returns how many.
+
+    Used when ``new`` took ``old``'s place in the model (a wrapper such as a PEFT layer, or the
+    module again after its wrapper was unloaded): the callbacks keep their priority, insertion
+    order, counters and handles, and merge with callbacks already on ``new``. Foreign hooks on
+    ``old`` are not touched.
+    """
+    moved = 0
+    with REGISTRY_LOCK:
+        for kind in MODULE_KINDS:
+            d = _live(old, kind)
+            if d is None:
+                continue
+            entries, d.entries = d.entries, []
+            d.torch_handle.remove()
+            d._finalizer.detach()
+            if _DISPATCHERS.get(d.key) is d:
+                del _DISPATCHERS[d.key]
+            target = dispatcher_for(new, kind)
+            for e in entries:
+                target.add(e)
+            moved += len(entries)
+    return moved

@@ -13,12 +13,19 @@ Example:
 from __future__ import annotations
 
 __all__ = [
+    "CompositionError",
     "ConfigError",
+    "ConvergenceError",
     "HookError",
     "HooksNotFiredError",
     "IncompatibleArtifactError",
+    "InvalidArgumentError",
+    "InvalidStateError",
+    "KeyNotFoundError",
     "ModulartError",
+    "OperatorExistsError",
     "OperatorNotFoundError",
+    "OutOfRangeError",
     "SelectorError",
     "ShapeError",
     "UnsupportedModuleError",
@@ -64,3 +71,34 @@ class OperatorNotFoundError(ModulartError, LookupError):
 
 class UnsupportedOperationError(ModulartError, NotImplementedError):
     """The operator does not implement this optional part of the lifecycle (e.g. ``merge_``)."""
+
+
+class InvalidArgumentError(ModulartError, TypeError):
+    """An argument has the wrong type (e.g. neither a model nor a checkpoint directory)."""
+
+
+class OutOfRangeError(ModulartError, IndexError):
+    """An index (a layer, an expert, a position) lies outside the range that exists."""
+
+
+class KeyNotFoundError(ModulartError, KeyError):
+    """A name (e.g. a patch id) is not among the known ones; the message lists them."""
+
+    def __str__(self) -> str:  # KeyError would quote the whole message
+        return str(self.args[0]) if len(self.args) == 1 else super().__str__()
+
+
+class InvalidStateError(ModulartError, RuntimeError):
+    """The call needs a state the object is not in (e.g. statistics before any forward)."""
+
+
+class ConvergenceError(ModulartError, RuntimeError):
+    """A numerical procedure (e.g. the balanced assignment) did not converge."""
+
+
+class OperatorExistsError(ModulartError, ValueError):
+    """An operator name (or config class) is already registered; pass ``override=True`` to replace it."""
+
+
+class CompositionError(UnsupportedOperationError):
+    """Two operators cannot share a module this way; the message names the operator already there."""

@@ -45,7 +45,7 @@ from modulart.core.errors import UnsupportedModuleError
 from modulart.core.ffn_discovery import discover_ffns
 from modulart.core.ffn_verify import ProbeInputs, verify_ffn
 from modulart.core.hooks import HookSite
-from modulart.core.linear import LinearRef, is_linear_like
+from modulart.core.linear import LinearRef, base_linear, is_linear_map
 from modulart.core.moe_layouts import moe_block_parts
 from modulart.core.select import filter_by_selector
 from modulart.core.verify import Verification
@@ -94,8 +94,9 @@ class FFN:
             half = fused.out_features // 2
             first, second = slice(0, half), slice(half, 2 * half)
             gate_rows, up_rows = (first, second) if layout.fused_gate_up == "gate_first" else (second, first)
-            self.key_proj = LinearRef(fused.module, fused.path, rows=gate_rows)
-            self.up_proj: LinearRef | None = LinearRef(fused.module, fused.path, rows=up_rows)
+            home = self._home(layout.key)
+            self.key_proj = LinearRef(fused.module, fused.path, rows=gate_rows, home=home)
+            self.up_proj: LinearRef | None = LinearRef(fused.module, fused.path, rows=up_rows, home=home)
         else:
             self.key_proj = self._linear(layout.key)
             self.up_proj = self._linear(layout.up) if layout.up is not None else None
@@ -134,11 +135,18 @@ class FFN:
 
     def _linear(self, rel: str) -> LinearRef:
         mod = self._attr(rel, rel)
-        if not isinstance(mod, nn.Module) or not is_linear_like(mod):
+        if not isinstance(mod, nn.Module) or not is_linear_map(mod):
             raise UnsupportedModuleError(
-                f"{_join(self.path, rel)!r} is {type(mod).__name__}; expected nn.Linear or a Hugging Face Conv1D"
+                f"{_join(self.path, rel)!r} is {type(mod).__name__}; expected nn.Linear, a Hugging Face Conv1D "
+                "or a PEFT tuner layer around one"
             )
-        return LinearRef(mod, _join(self.path, rel))
+        return LinearRef(mod, _join(self.path, rel), home=self._home(rel))
+
+    def _home(self, rel: str) -> tuple[nn.Module, str] | None:
+        """``(parent module, attribute name)`` of the projection at ``rel`` (a later wrap is followed)."""
+        up, _, name = rel.rpartition(".")
+        parent = self.module if not up else self._attr(up, rel)
+        return (parent, name) if isinstance(parent, nn.Module) and name in parent._modules else None
 
     # --- shapes -------------------------------------------------------------------------------
     @property
@@ -233,7 +241,7 @@ class FFN:
         if self.up_proj is not None and not self.fused:
             out["up"] = self.up_proj.param
         for role, ref in (("key", self.key_proj), ("up", self.up_proj), ("value", self.value_proj)):
-            bias = getattr(ref.module, "bias", None) if ref is not None else None
+            bias = getattr(base_linear(ref.module), "bias", None) if ref is not None else None
             if isinstance(bias, torch.Tensor) and not (role == "up" and self.fused):
                 out[f"{role}_bias"] = bias
         return out
@@ -320,7 +328,13 @@ def find_ffns(
         UnsupportedModuleError: a table layout that does not reproduce its block, a block that may
             hold an FFN but cannot be probed (``strict``; otherwise :class:`UnprobedBlockWarning`),
             or no FFN found.
+
+    A wrapped model (DDP ``.module``, ``torch.compile``, PEFT) is unwrapped first: paths are
+    relative to the model inside (:func:`modulart.core.unwrap.unwrap_model`).
     """
+    from modulart.core.unwrap import unwrap_model
+
+    model = unwrap_model(model)
     skip_roots = _moe_exclusions(model, include_shared_experts)
     found: list[FFN] = []
     claimed: list[str] = []
@@ -381,7 +395,7 @@ def _moe_exclusions(model: nn.Module, include_shared_experts: bool) -> list[str]
 def _no_ffn_message(model: nn.Module, notes: list[str]) -> str:
     candidates = []
     for path, m in model.named_modules():
-        lin = [(n, tuple(c.weight.shape)) for n, c in m.named_children() if is_linear_like(c)]
+        lin = [(n, tuple(c.weight.shape)) for n, c in m.named_children() if is_linear_map(c)]
         name = type(m).__name__.lower()
         if len(lin) >= 2 or any(k in name for k in ("mlp", "ffn", "feedforward", "feed_forward")):
             candidates.append(f"  - {path or '<root>'} ({type(m).__name__}): linear children {lin[:4]}")

@@ -38,7 +38,7 @@ from torch import nn
 from modulart.core.activations import CATALOGUE, Activation, is_elementwise_nonlinear
 from modulart.core.arch import FFNLayout
 from modulart.core.ffn_verify import ProbeInputs, probe_block
-from modulart.core.linear import LinearRef, is_linear_like
+from modulart.core.linear import LinearRef, is_linear_map, is_peft_layer
 from modulart.core.probe import Trace, relative_error, tolerance
 from modulart.core.verify import Verification, block_signature, on_clear
 
@@ -132,9 +132,9 @@ def discover_ffns(
         unprobed: if given, receives one line per block that holds a candidate pair but could
             not be probed at all (so whether it holds an FFN is unknown).
     """
-    named = dict(model.named_modules())
+    named = _outside_peft_layers(dict(model.named_modules()))
     lists = {p for p, m in named.items() if _separates_blocks(m)}
-    lins = [_Lin(p, LinearRef(m, p)) for p, m in named.items() if is_linear_like(m) and p and not skip(p)]
+    lins = [_Lin(p, LinearRef(m, p)) for p, m in named.items() if is_linear_map(m) and p and not skip(p)]
     hosts = _candidate_hosts(lins, lists)
     claimed: set[str] = set()
     out: list[Discovered] = []
@@ -162,6 +162,15 @@ def discover_ffns(
             out.append(Discovered(_join(host, f.rel_block), f.layout, f.verification))
     order = {p: i for i, p in enumerate(named)}
     return sorted(out, key=lambda d: order[d.path])
+
+
+def _outside_peft_layers(named: dict[str, nn.Module]) -> dict[str, nn.Module]:
+    """``named`` without the insides of PEFT tuner layers (base layer, adapters, dropout): the
+    tuner layer itself is the linear map the model calls."""
+    tuners = [p for p, m in named.items() if is_peft_layer(m)]
+    if not tuners:
+        return named
+    return {p: m for p, m in named.items() if not any(p.startswith(t + ".") for t in tuners)}
 
 
 def _separates_blocks(m: nn.Module) -> bool:
@@ -219,7 +228,7 @@ def _discover_in(
     with _lock:
         if key in _cache:
             return _cache[key]
-    modules = {p: m for p, m in host.named_modules() if not is_linear_like(m)}
+    modules = {p: m for p, m in _outside_peft_layers(dict(host.named_modules())).items() if not is_linear_map(m)}
     taps = {f"lin:{r}": li.ref.module for r, li in inner.items()} | {f"mod:{p}": m for p, m in modules.items()}
     d_model = next(li.d_in for li in inner.values() if li.d_in != li.d_out)
     pairs = [(f"lin:{a}", f"lin:{b}") for a, b in _pairs(inner)]
@@ -247,8 +256,8 @@ class _Sigma:
 
 
 def _sigmas(host: nn.Module) -> Iterator[_Sigma]:
-    for path, m in host.named_modules():
-        if is_linear_like(m) or list(m.children()) or isinstance(m, (nn.Dropout, nn.Identity)):
+    for path, m in _outside_peft_layers(dict(host.named_modules())).items():
+        if is_linear_map(m) or list(m.children()) or isinstance(m, (nn.Dropout, nn.Identity)):
             continue
         if path and not isinstance(m, (nn.Embedding, nn.LayerNorm)) and "norm" not in type(m).__name__.lower():
             yield _Sigma(path, m, type(m).__name__)

@@ -44,6 +44,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from modulart.core import rehome
 from modulart.core.dispatch import (
     HOOK_KINDS,
     MODULE_KINDS,
@@ -54,6 +55,7 @@ from modulart.core.dispatch import (
     dispatcher_for,
 )
 from modulart.core.errors import HookError, HooksNotFiredError
+from modulart.core.sharing import check_claims
 
 __all__ = ["HookHandle", "HookKind", "HookRegistry", "HookSite", "HookSpec", "Priority", "capture"]
 
@@ -145,6 +147,7 @@ class HookRegistry:
         self._handles: list[HookHandle] = []
         self._children: list[HookRegistry] = []
         self._paths: dict[int, str] | None = None
+        self._homes: dict[int, tuple[nn.Module, str]] | None = None
         self._names: set[str] = set()
 
     # --- scopes -------------------------------------------------------------------------------
@@ -395,6 +398,9 @@ class HookRegistry:
         return self._install_resolved(spec, obj, path)
 
     def _install_resolved(self, spec: HookSpec, obj: Any, path: str) -> HookHandle:
+        if spec.kind in MODULE_KINDS:  # follow a wrap of the module, and guard its place from now on
+            self._remember_home(obj)
+            obj = rehome.follow(obj)
         with REGISTRY_LOCK:
             name = self._unique_name(spec, path)
             try:
@@ -407,12 +413,31 @@ class HookRegistry:
                     with_kwargs=spec.with_kwargs,
                     registry=self,
                 )
+                check_claims(self, obj)
                 dispatcher_for(obj, spec.kind).add(handle)
             except BaseException:
                 self._names.discard(name)
                 raise
             self._handles.append(handle)
+            if spec.kind in MODULE_KINDS:
+                rehome.watch(obj)
             return handle
+
+    def _remember_home(self, module: nn.Module) -> None:
+        """Record ``module``'s (parent, name) in the model, so a later wrap of it is followed."""
+        if self.model is None:
+            return
+        home = self._homes.get(id(module)) if self._homes is not None else None
+        if home is None or home[0]._modules.get(home[1]) is not module:
+            self._homes = {
+                id(child): (parent, name)
+                for parent in self.model.modules()
+                for name, child in parent._modules.items()
+                if child is not None
+            }
+            home = self._homes.get(id(module))
+        if home is not None and rehome.home_of(module) is None:
+            rehome.remember(home[0], home[1], module)
 
     def _unique_name(self, spec: HookSpec, path: str) -> str:
         if spec.name is not None:

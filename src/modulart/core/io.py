@@ -3,7 +3,8 @@
 An artefact is a directory holding
 
 - ``modulart_config.json``: operator name, library version, the config, the selector as written
-  and as resolved, the base-model :class:`Fingerprint`, and the names of the saved tensors;
+  and as resolved, the :class:`Fingerprint` of the model it was saved from, the names of the saved
+  tensors and the JSON part of the handle state (provenance, counters);
 - ``modulart_state.safetensors``: only the tensors the operator owns (no pickle anywhere).
 
 Writes go to a temporary sibling directory that is renamed into place at the end, so a crash or
@@ -26,14 +27,13 @@ Example:
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import shutil
 import tempfile
 import uuid
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +43,8 @@ from torch import nn
 
 from modulart._version import __version__
 from modulart.core.errors import IncompatibleArtifactError
+from modulart.core.fingerprint import Fingerprint, TensorPrint, fingerprint
+from modulart.core.types import JSONValue, StateDict
 
 __all__ = [
     "CONFIG_NAME",
@@ -51,110 +53,17 @@ __all__ = [
     "Fingerprint",
     "atomic_directory",
     "fingerprint",
-    "from_pretrained",
     "load_artifact",
     "push_to_hub",
+    "resolve_artifact",
     "save_artifact",
+    "split_state",
 ]
 
 CONFIG_NAME = "modulart_config.json"
 STATE_NAME = "modulart_state.safetensors"
 FORMAT = "modulart-artifact"
-FORMAT_VERSION = 1
-
-
-# --- fingerprints -------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Fingerprint:
-    """Identity of a model's weights: one short digest per state-dict entry, plus an overall digest.
-
-    Each entry digest covers dtype, shape, a strided sample of the raw bytes and the fp64 sum of
-    all elements, so it is cheap for large models yet changes when any weight changes in practice.
-
-    Attributes:
-        digest: digest of all entries (names included).
-        tensors: state-dict name -> ``"dtype|shape|hash"``.
-    """
-
-    digest: str
-    tensors: dict[str, str] = field(default_factory=dict)
-
-    def diff(self, other: Fingerprint, *, limit: int = 10) -> list[str]:
-        """Human-readable differences between ``self`` (the model) and ``other`` (the saved one)."""
-        if self.digest == other.digest:
-            return []
-        out: list[str] = []
-        missing = sorted(set(other.tensors) - set(self.tensors))
-        extra = sorted(set(self.tensors) - set(other.tensors))
-        if missing:
-            out.append(f"missing in the model: {missing[:limit]}" + (" ..." if len(missing) > limit else ""))
-        if extra:
-            out.append(f"not in the saved base model: {extra[:limit]}" + (" ..." if len(extra) > limit else ""))
-        changed = [k for k in sorted(set(self.tensors) & set(other.tensors)) if self.tensors[k] != other.tensors[k]]
-        for k in changed[:limit]:
-            mine, theirs = self.tensors[k].split("|"), other.tensors[k].split("|")
-            what = "dtype" if mine[0] != theirs[0] else "shape" if mine[1] != theirs[1] else "values"
-            detail = (
-                f" ({theirs[0 if what == 'dtype' else 1]} saved, {mine[0 if what == 'dtype' else 1]} now)"
-                if what != "values"
-                else ""
-            )
-            out.append(f"{k}: {what} differ{detail}")
-        if len(changed) > limit:
-            out.append(f"... and {len(changed) - limit} more tensors differ")
-        return out or ["tensor order or naming differs"]
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"digest": self.digest, "tensors": dict(self.tensors)}
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> Fingerprint:
-        return cls(digest=str(data["digest"]), tensors={str(k): str(v) for k, v in data.get("tensors", {}).items()})
-
-
-def _chunked_sum(flat: torch.Tensor, chunk: int = 1 << 22) -> float | int:
-    """Sum of all elements without materialising a widened copy of the whole tensor."""
-    if flat.is_complex():
-        flat = torch.view_as_real(flat).reshape(-1)
-    floating = flat.is_floating_point()
-    total: float | int = 0.0 if floating else 0
-    for start in range(0, flat.numel(), chunk):
-        part = flat[start : start + chunk]
-        total += float(part.double().sum()) if floating else int(part.long().sum())
-    return total
-
-
-def _tensor_digest(t: torch.Tensor, sample: int) -> str:
-    t = t.detach()
-    flat = t.reshape(-1)
-    h = hashlib.blake2b(digest_size=8)
-    if flat.numel():
-        step = max(1, flat.numel() // sample)
-        picked = flat[::step][:sample].contiguous().cpu()
-        h.update(
-            picked.view(torch.uint8).numpy().tobytes()
-            if picked.dtype != torch.bool
-            else picked.to(torch.uint8).numpy().tobytes()
-        )
-        h.update(repr(_chunked_sum(flat)).encode())
-    return f"{str(t.dtype).removeprefix('torch.')}|{'x'.join(map(str, t.shape))}|{h.hexdigest()}"
-
-
-def fingerprint(model: nn.Module | Mapping[str, torch.Tensor], *, sample: int = 4096) -> Fingerprint:
-    """Fingerprint a model (or a state dict).
-
-    Example:
-        >>> import torch
-        >>> a, b = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
-        >>> fingerprint(a) == fingerprint(a), fingerprint(a) == fingerprint(b)
-        (True, False)
-    """
-    state = model.state_dict() if isinstance(model, nn.Module) else model
-    tensors = {name: _tensor_digest(t, sample) for name, t in state.items()}
-    overall = hashlib.blake2b(digest_size=16)
-    for name in sorted(tensors):
-        overall.update(f"{name}={tensors[name]};".encode())
-    return Fingerprint(digest=overall.hexdigest(), tensors=tensors)
+FORMAT_VERSION = 2  # 2: sampled fingerprints, JSON handle state
 
 
 # --- atomic directories -------------------------------------------------------------------------
@@ -195,9 +104,24 @@ def atomic_directory(target: str | os.PathLike[str]) -> Iterator[Path]:
 
 
 # --- artefacts ----------------------------------------------------------------------------------
+def _legacy_fingerprint(data: Mapping[str, Any]) -> Fingerprint:
+    """A format-1 fingerprint (``"dtype|shape|hash"`` strings): names, dtypes and shapes are kept."""
+    prints: dict[str, TensorPrint] = {}
+    for name, entry in data.get("tensors", {}).items():
+        dtype, shape, _ = str(entry).split("|", 2)
+        prints[str(name)] = TensorPrint(dtype, tuple(int(s) for s in shape.split("x") if s), ())
+    return Fingerprint(prints)
+
+
 @dataclass
 class Artifact:
-    """A loaded artefact: metadata and tensors."""
+    """A loaded artefact: metadata, tensors and the JSON part of the handle state.
+
+    Attributes:
+        path: the local directory.
+        meta: the parsed ``modulart_config.json``.
+        tensors: the saved tensors, by state key.
+    """
 
     path: Path
     meta: dict[str, Any]
@@ -212,12 +136,27 @@ class Artifact:
         return dict(self.meta.get("config", {}))
 
     @property
+    def state(self) -> StateDict:
+        """The full handle state: the tensors and the JSON values saved beside them."""
+        out: StateDict = dict(self.meta.get("state", {}))
+        out.update(self.tensors)
+        return out
+
+    @property
+    def library_version(self) -> str:
+        return str(self.meta.get("library_version", "unknown"))
+
+    @property
     def base_model(self) -> Fingerprint | None:
         fp = self.meta.get("base_model")
-        return Fingerprint.from_dict(fp) if fp else None
+        if not fp:
+            return None
+        if fp.get("kind") == "sampled":
+            return Fingerprint.from_dict(fp)
+        return _legacy_fingerprint(fp)
 
     def check_fingerprint(self, model: nn.Module) -> None:
-        """Raise :class:`IncompatibleArtifactError` if ``model`` is not the base model it was saved from."""
+        """Raise :class:`IncompatibleArtifactError` if ``model`` is not the model it was saved from."""
         saved = self.base_model
         if saved is None:
             return
@@ -225,9 +164,25 @@ class Artifact:
         if diffs:
             lines = "\n".join(f"  - {d}" for d in diffs)
             raise IncompatibleArtifactError(
-                f"artefact {self.path} ({self.operator}) was saved from a different base model:\n{lines}\n"
+                f"artefact {self.path} ({self.operator}) was saved from a different model:\n{lines}\n"
                 "Load it into the model it was made for, or pass check_fingerprint=False to override."
             )
+
+
+def split_state(state: Mapping[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, JSONValue]]:
+    """Split a handle state into tensors (for safetensors) and JSON values (for the metadata)."""
+    tensors = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+    values: dict[str, JSONValue] = {}
+    for k, v in state.items():
+        if isinstance(v, torch.Tensor):
+            continue
+        try:
+            values[k] = json.loads(json.dumps(v))
+        except (TypeError, ValueError):
+            raise IncompatibleArtifactError(
+                f"state entry {k!r} is a {type(v).__name__}: a handle state holds tensors and JSON values only"
+            ) from None
+    return tensors, values
 
 
 def save_artifact(
@@ -235,7 +190,7 @@ def save_artifact(
     *,
     operator: str,
     config: Mapping[str, Any],
-    tensors: Mapping[str, torch.Tensor],
+    tensors: Mapping[str, Any],
     fingerprint: Fingerprint | None = None,
     selector: str | None = None,
     resolved: list[str] | None = None,
@@ -247,14 +202,13 @@ def save_artifact(
         directory: the artefact directory (replaced atomically if it exists).
         operator: the operator's registered name.
         config: JSON-serialisable config.
-        tensors: what the operator owns (copied, so shared storage is fine).
-        fingerprint: of the base model.
+        tensors: the handle state: tensors go to safetensors (copied, so shared storage is fine),
+            JSON values to the metadata's ``state``.
+        fingerprint: of the model the artefact belongs to.
         selector: the selector as written; resolved: the paths it resolved to.
         extra: more JSON-serialisable metadata.
     """
-    for name, t in tensors.items():
-        if not isinstance(t, torch.Tensor):
-            raise IncompatibleArtifactError(f"tensor {name!r} to save is a {type(t).__name__}, not a tensor")
+    arrays, values = split_state(tensors)
     meta = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -263,15 +217,16 @@ def save_artifact(
         "config": dict(config),
         "selector": {"written": selector, "resolved": list(resolved or [])},
         "base_model": fingerprint.to_dict() if fingerprint is not None else None,
-        "tensors": sorted(tensors),
+        "tensors": sorted(arrays),
+        "state": values,
         "extra": dict(extra or {}),
     }
     text = json.dumps(meta, indent=2, sort_keys=True)
     with atomic_directory(directory) as tmp:
         (tmp / CONFIG_NAME).write_text(text + "\n", encoding="utf-8")
-        if tensors:
+        if arrays:
             save_file(
-                {k: v.detach().to("cpu").clone().contiguous() for k, v in tensors.items()},
+                {k: v.detach().to("cpu").clone().contiguous() for k, v in arrays.items()},
                 str(tmp / STATE_NAME),
                 metadata={"format": "pt", "operator": operator},
             )
@@ -288,12 +243,13 @@ def load_artifact(directory: str | os.PathLike[str]) -> Artifact:
         meta = json.loads(cfg.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise IncompatibleArtifactError(f"{cfg} is not valid JSON: {e}") from None
-    if meta.get("format") != FORMAT or "operator" not in meta:
-        raise IncompatibleArtifactError(f"{cfg} is not a modulart artefact (format={meta.get('format')!r})")
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT or "operator" not in meta:
+        raise IncompatibleArtifactError(f"{cfg} is not a modulart artefact")
     if int(meta.get("format_version", 0)) > FORMAT_VERSION:
         raise IncompatibleArtifactError(
-            f"{cfg} has format version {meta['format_version']}; this modulart "
-            f"({__version__}) reads up to {FORMAT_VERSION}: upgrade modulart"
+            f"{cfg} has format version {meta['format_version']} (written by modulart "
+            f"{meta.get('library_version', '?')}); this modulart ({__version__}) reads up to "
+            f"{FORMAT_VERSION}: upgrade modulart"
         )
     state = path / STATE_NAME
     tensors = load_file(str(state)) if state.is_file() else {}
@@ -329,7 +285,7 @@ def push_to_hub(
     return str(getattr(info, "commit_url", info))
 
 
-def from_pretrained(
+def resolve_artifact(
     repo_id_or_path: str | os.PathLike[str],
     *,
     revision: str | None = None,

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from modulart.core.arch import FFNLayout, get_attr
-from modulart.core.errors import UnsupportedModuleError
+from modulart.core.errors import OutOfRangeError, UnsupportedModuleError
 from modulart.core.ffn import FFN, adapter_help, ffn_from_layout
 from modulart.core.hooks import HookSite
 from modulart.core.linear import LinearRef
@@ -265,7 +265,7 @@ class MoE:
     def expert(self, e: int) -> Expert:
         """Expert ``e`` in canonical orientation (views of the stored tensors)."""
         if not 0 <= e < self.num_experts:
-            raise IndexError(f"{self.path!r}: expert {e} out of range [0, {self.num_experts})")
+            raise OutOfRangeError(f"{self.path!r}: expert {e} out of range [0, {self.num_experts})")
         if self._fused is None:
             f = self._expert_ffns[e]
             act = f.activation
@@ -410,5 +410,6 @@ def find_moes(model: nn.Module, selector: Any = None, *, strict: bool = True, ve
         ('softmax_topk', 1, False, True)
     """
     from modulart.core.moe_verify import resolve_moes
+    from modulart.core.unwrap import unwrap_model
 
-    return resolve_moes(model, selector, strict=strict, verify=verify)
+    return resolve_moes(unwrap_model(model), selector, strict=strict, verify=verify)

@@ -1,45 +1,66 @@
-"""The operator lifecycle every modulart subpackage implements.
+"""The operator contract every modulart subpackage implements, and the one way in and out.
 
-``Operator.apply(model, config=None, **overrides) -> Handle``:
+An operator is a class ``Operator[C, P, H]`` over a config type ``C`` (an :class:`OperatorConfig`
+dataclass), a plan type ``P`` (a :class:`Plan` dataclass) and a handle type ``H``
+(a :class:`Handle` ``[C]``):
 
-1. the config is built and validated (:class:`OperatorConfig`: typed dataclass fields with help
-   text; bad values raise :class:`~modulart.core.errors.ConfigError` naming the field);
-2. :meth:`Operator.plan` checks everything against the model *without changing it* (bad selector,
-   missing FFN, wrong shape: all raise here);
-3. :meth:`Operator.install` changes the model through the handle's
-   :class:`~modulart.core.hooks.HookRegistry`; if it fails, the handle is torn down and the model is
-   exactly as before.
+1. ``Operator.apply(model, config=None, **overrides) -> H`` (or :func:`apply` with a config,
+   dispatching on its type): the config is built and validated (bad values raise
+   :class:`~modulart.core.errors.ConfigError` naming the field);
+2. :meth:`Operator.plan` checks everything against the model *without changing it* and returns the
+   typed plan;
+3. the handle is built from ``(model, config, plan)`` in its ``__init__`` (the one place its state
+   is set up), then :meth:`Operator.install` changes the model through ``handle.registry``; if
+   anything fails the handle is torn down and the model is exactly as before.
 
-The returned :class:`Handle` has ``remove()`` (model bitwise as before), ``disabled()``,
-``state_dict()`` / ``save(dir)`` / ``Handle.load(model, dir)`` and, where meaningful, ``merge_()``.
+Wrapped models are accepted everywhere (DDP/FSDP ``.module``, ``torch.compile``'s ``._orig_mod``,
+PEFT's ``PeftModel``): the operator acts on the unwrapped model, whose module paths are the ones
+plans and artefacts record.
 
-Operators register under a name (automatically when a subclass defines ``name``; third-party
-packages via the ``modulart.operators`` entry-point group) and keep per-module-type handlers that
-are looked up along both the operator's and the module's MRO, so subclassing either just works.
+The verbs of every handle, one meaning each:
+
+=====================  ============================================================================
+``remove()``           undo this operator's own changes (hooks, flags, owned tensors), in any order
+                       relative to other handles; idempotent
+``disable()`` /        switch the whole operator off / on; ``disabled()`` is the context manager;
+``enable()``           ``enabled`` tells the state
+``merge_()``           make the change permanent *without changing the function* (bake into
+                       weights, no hooks left) or raise ``UnsupportedOperationError``
+``attach(optimizer)``  hook an optimizer (accelerate's wrappers are unwrapped); operators that
+                       involve no optimizer raise ``UnsupportedOperationError``
+``state_dict()`` /     everything the handle needs, tensors and JSON values, symmetric: what
+``load_state_dict()``  ``state_dict()`` returns, ``load_state_dict()`` restores
+``save(dir)``          an artefact (config, state, the model's :class:`~modulart.core.fingerprint.
+                       Fingerprint` as it is now); :func:`load` applies it again
+=====================  ============================================================================
+
+Verbs on parts of an operator are named for the part (the patcher's ``remove_patch(id)``).
 
 Example:
     >>> import dataclasses, torch
     >>> import modulart as mt
+    >>> from modulart.core.operator import Plan, option
     >>> @dataclasses.dataclass
     ... class ScaleConfig(mt.OperatorConfig):
-    ...     factor: float = mt.core.operator.option(2.0, "multiply every FFN output by this")
+    ...     factor: float = option(2.0, "multiply every FFN output by this")
     ...     def validate(self) -> None:
     ...         self.require(self.factor > 0, "factor", "must be positive")
-    >>> class Scale(mt.Operator):
+    >>> class ScaleHandle(mt.Handle[ScaleConfig]):
+    ...     pass
+    >>> class Scale(mt.Operator[ScaleConfig, Plan, ScaleHandle]):
     ...     name = "doc-scale"
-    ...     config_class = ScaleConfig
     ...     @classmethod
     ...     def plan(cls, model, config):
-    ...         return mt.core.operator.Plan(targets=[f.path for f in mt.find_ffns(model)])
+    ...         return Plan(targets=[f.path for f in mt.find_ffns(model)])
     ...     @classmethod
     ...     def install(cls, handle, plan):
     ...         for f in mt.find_ffns(handle.model):
     ...             handle.registry.at(f.output_site, lambda y: y * handle.config.factor)
     >>> model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 4))
     >>> x = torch.randn(2, 4); before = model(x)
-    >>> h = Scale.apply(model, factor=3.0)
-    >>> torch.allclose(model(x), 3 * before)
-    True
+    >>> h = mt.apply(model, ScaleConfig(factor=3.0))
+    >>> type(h).__name__, torch.allclose(model(x), 3 * before)
+    ('ScaleHandle', True)
     >>> h.remove(); torch.equal(model(x), before)
     True
 """
@@ -50,12 +71,13 @@ import contextlib
 import dataclasses
 import json
 import os
+import typing
 import warnings
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
 from pathlib import Path
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar, Generic, TypeVar, cast
 
 import torch
 from torch import nn
@@ -64,11 +86,18 @@ from modulart.core.arch import TypeTable
 from modulart.core.errors import (
     ConfigError,
     IncompatibleArtifactError,
+    OperatorExistsError,
     OperatorNotFoundError,
+    UnsupportedModuleError,
     UnsupportedOperationError,
 )
+from modulart.core.fingerprint import Fingerprint, fingerprint
+from modulart.core.flags import release_requires_grad, set_requires_grad
 from modulart.core.hooks import HookRegistry
-from modulart.core.io import Fingerprint, fingerprint, from_pretrained, load_artifact, save_artifact
+from modulart.core.io import Artifact, load_artifact, resolve_artifact, save_artifact
+from modulart.core.sharing import release_claims
+from modulart.core.types import OptimizerLike, StateDict, StateValue
+from modulart.core.unwrap import unwrap_model
 
 __all__ = [
     "ENTRY_POINT_GROUP",
@@ -76,15 +105,20 @@ __all__ = [
     "Operator",
     "OperatorConfig",
     "Plan",
+    "apply",
     "available_operators",
     "get_operator",
+    "load",
+    "operator_for_config",
     "option",
     "register_operator",
 ]
 
 ENTRY_POINT_GROUP = "modulart.operators"
 C = TypeVar("C", bound="OperatorConfig")
-H = TypeVar("H", bound="Handle")
+P = TypeVar("P", bound="Plan")
+H = TypeVar("H", bound="Handle[Any]")
+AnyOperator = type["Operator[Any, Any, Any]"]
 
 
 def option(
@@ -98,10 +132,12 @@ def option(
 
 @dataclass
 class OperatorConfig:
-    """Base class of operator configs: typed, validated, JSON round-trippable.
+    """Base class of operator configs: typed, validated, JSON round-trippable, versioned.
 
     Subclasses add dataclass fields (use :func:`option` for help text) and override
-    :meth:`validate`, raising through :meth:`require` so errors name the field.
+    :meth:`validate`, raising through :meth:`require` so errors name the field. A subclass that
+    changes what fields mean raises the default of ``version`` and overrides :meth:`migrate` to
+    read older artefacts.
     """
 
     version: int = option(1, "schema version of this config (bumped when fields change meaning)")
@@ -124,9 +160,22 @@ class OperatorConfig:
         """Field name -> help text."""
         return {f.name: str(f.metadata.get("help", "")) for f in dataclasses.fields(cls)}
 
+    @classmethod
+    def schema_version(cls) -> int:
+        """The config version this modulart writes (the default of the ``version`` field)."""
+        for f in dataclasses.fields(cls):
+            if f.name == "version" and isinstance(f.default, int):
+                return f.default
+        return 1
+
+    @classmethod
+    def migrate(cls, data: dict[str, Any], from_version: int) -> dict[str, Any]:
+        """Turn a config dict written at ``from_version`` into the current schema (override)."""
+        return data
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-safe dict of the fields (tuples become lists)."""
-        return json.loads(json.dumps(dataclasses.asdict(self), default=_json_default))  # type: ignore[no-any-return]
+        return cast(dict[str, Any], json.loads(json.dumps(dataclasses.asdict(self), default=_json_default)))
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
@@ -148,6 +197,30 @@ class OperatorConfig:
         return cls(**kwargs)
 
     @classmethod
+    def from_saved(cls: type[C], data: Mapping[str, Any], *, written_by: str = "unknown") -> C:
+        """Build from a saved config: the version is checked and migrated, unknown keys warned about.
+
+        Raises:
+            IncompatibleArtifactError: the config is newer than this modulart reads.
+        """
+        saved = data.get("version", 1)
+        current = cls.schema_version()
+        if not isinstance(saved, int) or saved < 1:
+            raise IncompatibleArtifactError(f"{cls.__name__}: saved config version {saved!r} is not an int >= 1")
+        if saved > current:
+            from modulart._version import __version__
+
+            raise IncompatibleArtifactError(
+                f"{cls.__name__} version {saved} was written by modulart {written_by}; this modulart "
+                f"({__version__}) reads up to version {current}: upgrade modulart"
+            )
+        fields = dict(data)
+        if saved < current:
+            fields = cls.migrate(fields, saved)
+        fields["version"] = current
+        return cls.from_dict(fields)
+
+    @classmethod
     def from_json(cls: type[C], text: str) -> C:
         return cls.from_dict(json.loads(text))
 
@@ -165,40 +238,49 @@ def _json_default(obj: Any) -> Any:
         return sorted(obj)
     if isinstance(obj, Path):
         return str(obj)
-    raise TypeError(f"config value {obj!r} of type {type(obj).__name__} is not JSON-serialisable")
+    raise ConfigError(f"config value {obj!r} of type {type(obj).__name__} is not JSON-serialisable")
 
 
 @dataclass
 class Plan:
     """What an operator will touch, computed without changing the model.
 
+    Operators subclass it (a dataclass) with typed fields for what they resolved (views,
+    labels, shapes...).
+
     Attributes:
         targets: resolved module paths.
         selector: the selector as written (for artefacts), if any.
-        data: operator-specific results of validation (views, shapes...).
     """
 
     targets: list[str] = field(default_factory=list)
     selector: str | None = None
-    data: dict[str, Any] = field(default_factory=dict)
 
 
-class Handle:
-    """A live application of an operator to a model.
+class Handle(Generic[C]):
+    """A live application of an operator to a model; see the module docstring for the verbs.
 
-    Subclasses override :meth:`_teardown` (undo anything done outside the registry, e.g. restore
-    ``requires_grad`` flags), :meth:`state_dict` / :meth:`load_state_dict` (what the operator
-    owns), :meth:`_set_enabled` and, where meaningful, :meth:`merge_`.
+    Subclasses set up their state in ``__init__(model, operator, config, plan)`` (after calling
+    ``super().__init__``) and override :meth:`_teardown` (undo what was done outside the
+    registry and the ``requires_grad`` ledger), :meth:`_set_enabled`, :meth:`state_dict` /
+    :meth:`load_state_dict` and, where meaningful, :meth:`merge_` and :meth:`attach`.
+
+    Attributes:
+        model: the (unwrapped) model.
+        operator: the operator class.
+        config: the validated config.
+        plan: the plan it was installed from.
+        registry: the hook registry every hook of this handle lives in.
     """
 
-    def __init__(self, model: nn.Module, operator: type[Operator], config: OperatorConfig, plan: Plan) -> None:
+    def __init__(self, model: nn.Module, operator: AnyOperator, config: C, plan: Plan) -> None:
         self.model = model
         self.operator = operator
-        self.config = config
+        self.config: C = config
         self.plan = plan
         self.registry = HookRegistry(model, name=operator.name or operator.__name__)
-        self.base_fingerprint: Fingerprint = fingerprint(model)
         self._removed = False
+        self._enabled = True
 
     # --- lifecycle ----------------------------------------------------------------------------
     @property
@@ -206,35 +288,73 @@ class Handle:
         return self._removed
 
     def remove(self) -> None:
-        """Undo the operator: hooks gone, state restored (idempotent)."""
+        """Undo this operator's changes (hooks, flags, owned tensors); idempotent, any order."""
         if self._removed:
             return
         try:
             self._teardown()
         finally:
             self.registry.remove()
+            release_claims(self.registry)
+            release_requires_grad(self)
             self._removed = True
 
     def _teardown(self) -> None:
-        """Undo what the operator did outside the hook registry (override)."""
+        """Undo what the operator did outside the hook registry and the flag ledger (override)."""
+
+    def set_requires_grad(self, params: Iterable[torch.Tensor], value: bool) -> None:
+        """Change ``requires_grad`` on behalf of this handle (undone by :meth:`remove`, in any order)."""
+        set_requires_grad(self, params, value)
+
+    @property
+    def enabled(self) -> bool:
+        """Whether the operator acts (see :meth:`disable`)."""
+        return self._enabled and not self._removed
+
+    def disable(self) -> None:
+        """Switch the whole operator off: the model runs as if it were not applied."""
+        self._check_live()
+        if self._enabled:
+            self._enabled = False
+            self._set_enabled(False)
+            self._sync_hooks()
+
+    def enable(self) -> None:
+        """Switch the operator back on after :meth:`disable`."""
+        self._check_live()
+        if not self._enabled:
+            self._enabled = True
+            self._set_enabled(True)
+            self._sync_hooks()
+
+    def _sync_hooks(self) -> None:
+        """Make every hook of the registry follow :attr:`enabled` (call after adding hooks)."""
+        for h in self.registry.handles():
+            h.enabled = self._enabled
 
     def _set_enabled(self, enabled: bool) -> None:
-        """Switch operator behaviour outside the registry on/off (override if needed)."""
+        """Switch behaviour outside the registry on/off (override if needed)."""
 
     @contextlib.contextmanager
     def disabled(self) -> Iterator[None]:
         """Run the model as if the operator were not applied, inside the block."""
-        self._check_live()
-        self._set_enabled(False)
+        was = self.enabled
+        self.disable()
         try:
-            with self.registry.disabled():
-                yield
+            yield
         finally:
-            self._set_enabled(True)
+            if was and not self._removed:
+                self.enable()
 
     def merge_(self) -> nn.Module:
-        """Bake the operator into the model's weights; afterwards no hooks remain."""
-        raise UnsupportedOperationError(f"operator {self.operator.name!r} has no merge_()")
+        """Make the change permanent without changing the function; afterwards no hooks remain."""
+        raise UnsupportedOperationError(
+            f"operator {self.operator.name!r} has no function-preserving merge_(); use remove() to undo it"
+        )
+
+    def attach(self, optimizer: OptimizerLike) -> None:
+        """Hook ``optimizer`` (accelerate's wrappers unwrapped), for operators that involve one."""
+        raise UnsupportedOperationError(f"operator {self.operator.name!r} involves no optimizer")
 
     def _check_live(self) -> None:
         if self._removed:
@@ -247,89 +367,93 @@ class Handle:
         self.remove()
 
     # --- state --------------------------------------------------------------------------------
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        """The tensors the operator owns (not the model's)."""
+    def state_dict(self) -> StateDict:
+        """Everything the handle needs to be restored: tensors and JSON values (not the model's weights)."""
         return {}
 
-    def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
+    def load_state_dict(self, state: Mapping[str, StateValue]) -> None:
         """Restore what :meth:`state_dict` returned; the default accepts only an empty state."""
         if state:
-            raise IncompatibleArtifactError(f"operator {self.operator.name!r} owns no tensors, got {sorted(state)[:5]}")
+            raise IncompatibleArtifactError(f"operator {self.operator.name!r} keeps no state, got {sorted(state)[:5]}")
+
+    def fingerprint(self) -> Fingerprint:
+        """The fingerprint of the model as it is now, without what modulart owns in it."""
+        return fingerprint(self.model)
 
     def save(self, directory: str | os.PathLike[str]) -> Path:
-        """Write ``modulart_config.json`` + safetensors of :meth:`state_dict`, atomically."""
+        """Write config, state and the model's fingerprint to ``directory``, atomically."""
         self._check_live()
         return save_artifact(
             directory,
             operator=self.operator.name,
             config=self.config.to_dict(),
             tensors=self.state_dict(),
-            fingerprint=self.base_fingerprint,
+            fingerprint=self.fingerprint(),
             selector=self.plan.selector,
             resolved=self.plan.targets,
         )
 
     @classmethod
-    def load(cls, model: nn.Module, directory: str | os.PathLike[str], *, check_fingerprint: bool = True) -> Handle:
-        """Re-apply a saved operator to ``model`` (a local artefact dir or a Hub repo id).
-
-        The base-model fingerprint is checked first; a mismatch raises
-        :class:`IncompatibleArtifactError` saying which tensors differ, before anything changes.
-        """
-        art = load_artifact(from_pretrained(directory))
+    def load(
+        cls: type[H], model: nn.Module, path_or_repo_id: str | os.PathLike[str], *, check_fingerprint: bool = True
+    ) -> H:
+        """:func:`load`, refusing an artefact whose handle is not a ``cls``."""
+        art = load_artifact(resolve_artifact(path_or_repo_id))
         op = get_operator(art.operator)
         if not issubclass(op.handle_class, cls):
             raise IncompatibleArtifactError(
                 f"artefact {art.path} belongs to operator {art.operator!r} "
                 f"(handle {op.handle_class.__name__}), not to {cls.__name__}"
             )
-        if check_fingerprint:
-            art.check_fingerprint(model)
-        return op.apply_from_state(model, op.config_class.from_dict(art.config), art.tensors)
+        handle = _load(model, art, op, check_fingerprint)
+        if not isinstance(handle, cls):  # pragma: no cover - guarded by the issubclass check
+            handle.remove()
+            raise IncompatibleArtifactError(f"{art.path}: loaded a {type(handle).__name__}, not a {cls.__name__}")
+        return handle
 
     def __repr__(self) -> str:
-        state = "removed" if self._removed else f"{len(self.registry)} hooks"
+        state = "removed" if self._removed else f"{len(self.registry)} hooks" + ("" if self._enabled else ", disabled")
         return f"{type(self).__name__}({self.operator.name!r}, targets={len(self.plan.targets)}, {state})"
 
 
-class Operator:
+class Operator(Generic[C, P, H]):
     """Base class of operators; see the module docstring for the lifecycle.
 
-    Class attributes:
-        name: registered name (setting it in a subclass registers the subclass).
-        config_class / handle_class: the config dataclass and handle type.
+    Subclass as ``class MyOp(Operator[MyConfig, MyPlan, MyHandle])``: ``config_class`` and
+    ``handle_class`` are read from the type arguments. Setting ``name`` registers the subclass
+    (``override=True`` as a class keyword replaces an operator already registered under it).
     """
 
     name: ClassVar[str] = ""
     config_class: ClassVar[type[OperatorConfig]] = OperatorConfig
-    handle_class: ClassVar[type[Handle]] = Handle
+    handle_class: ClassVar[type[Handle[Any]]] = Handle
     _handlers: ClassVar[TypeTable[Any]]
 
-    def __init_subclass__(cls, **kwargs: Any) -> None:
+    def __init_subclass__(cls, *, override: bool = False, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         cls._handlers = TypeTable()
+        _read_type_arguments(cls)
         if "name" in cls.__dict__ and cls.name:
-            register_operator(cls)
+            register_operator(cls, override=override)
 
     # --- the lifecycle ------------------------------------------------------------------------
     @classmethod
-    def apply(
-        cls, model: nn.Module, config: OperatorConfig | Mapping[str, Any] | None = None, /, **overrides: Any
-    ) -> Handle:
-        """Validate, then apply the operator to ``model``; returns the handle."""
+    def apply(cls, model: nn.Module, config: C | Mapping[str, Any] | None = None, /, **overrides: Any) -> H:
+        """Validate, plan, then apply the operator to ``model``; returns the handle."""
         return cls._apply(model, cls.make_config(config, overrides), None)
 
     @classmethod
-    def apply_from_state(cls, model: nn.Module, config: OperatorConfig, state: Mapping[str, torch.Tensor]) -> Handle:
-        """Apply with a saved :meth:`Handle.state_dict` (what :meth:`Handle.load` uses)."""
+    def apply_from_state(cls, model: nn.Module, config: C, state: Mapping[str, StateValue]) -> H:
+        """Apply with a saved :meth:`Handle.state_dict` (what :func:`load` uses)."""
         return cls._apply(model, cls.make_config(config, {}), state)
 
     @classmethod
-    def _apply(cls, model: nn.Module, cfg: OperatorConfig, state: Mapping[str, torch.Tensor] | None) -> Handle:
+    def _apply(cls, model: nn.Module, cfg: C, state: Mapping[str, StateValue] | None) -> H:
         if not isinstance(model, nn.Module):
-            raise TypeError(f"{cls.__name__}.apply needs an nn.Module, got {type(model).__name__}")
+            raise UnsupportedModuleError(f"{cls.__name__}.apply needs an nn.Module, got {type(model).__name__}")
+        model = unwrap_model(model)
         plan = cls.plan(model, cfg) if state is None else cls.plan_from_state(model, cfg, state)
-        handle = cls.handle_class(model, cls, cfg, plan)
+        handle = cast(H, cls.handle_class(model, cls, cfg, plan))
         try:
             with handle.registry.atomic():
                 cls.install(handle, plan)
@@ -341,9 +465,7 @@ class Operator:
         return handle
 
     @classmethod
-    def make_config(
-        cls, config: OperatorConfig | Mapping[str, Any] | None, overrides: Mapping[str, Any]
-    ) -> OperatorConfig:
+    def make_config(cls, config: C | Mapping[str, Any] | None, overrides: Mapping[str, Any]) -> C:
         """The validated config from a config object / dict / None plus keyword overrides."""
         if config is None:
             base = cls.config_class()
@@ -351,22 +473,27 @@ class Operator:
             if not isinstance(config, cls.config_class):
                 raise ConfigError(f"{cls.__name__} expects a {cls.config_class.__name__}, got {type(config).__name__}")
             base = config
-        else:
+        elif isinstance(config, Mapping):
             base = cls.config_class.from_dict(config)
-        return base.replace(**overrides) if overrides else base
+        else:
+            raise ConfigError(
+                f"{cls.__name__}: config must be a {cls.config_class.__name__}, a dict or None, "
+                f"got {type(config).__name__}"
+            )
+        return cast(C, base.replace(**overrides) if overrides else base)
 
     @classmethod
-    def plan(cls, model: nn.Module, config: OperatorConfig) -> Plan:
+    def plan(cls, model: nn.Module, config: C) -> P:
         """Validate against ``model`` and resolve targets, changing nothing (override)."""
-        return Plan()
+        raise UnsupportedOperationError(f"operator {cls.__name__} does not implement plan()")
 
     @classmethod
-    def plan_from_state(cls, model: nn.Module, config: OperatorConfig, state: Mapping[str, torch.Tensor]) -> Plan:
+    def plan_from_state(cls, model: nn.Module, config: C, state: Mapping[str, StateValue]) -> P:
         """Like :meth:`plan`, given a saved state (override to reuse it instead of recomputing)."""
         return cls.plan(model, config)
 
     @classmethod
-    def install(cls, handle: Handle, plan: Plan) -> None:
+    def install(cls, handle: H, plan: P) -> None:
         """Change the model through ``handle.registry`` (override)."""
 
     # --- per-module-type handlers -------------------------------------------------------------
@@ -388,17 +515,51 @@ class Operator:
         return None
 
 
+def _read_type_arguments(cls: type) -> None:
+    """Fill ``config_class`` / ``handle_class`` from ``Operator[C, P, H]`` type arguments."""
+    for base in cls.__dict__.get("__orig_bases__", ()):
+        origin = typing.get_origin(base)
+        if not (isinstance(origin, type) and issubclass(origin, Operator)):
+            continue
+        args = typing.get_args(base)
+        if len(args) != 3:
+            continue
+        config, _, handle = args
+        if "config_class" not in cls.__dict__ and isinstance(config, type) and issubclass(config, OperatorConfig):
+            cls.config_class = config  # type: ignore[attr-defined]
+        if "handle_class" not in cls.__dict__ and isinstance(handle, type) and issubclass(handle, Handle):
+            cls.handle_class = handle  # type: ignore[attr-defined]
+
+
 # --- the operator registry ----------------------------------------------------------------------
-_OPERATORS: dict[str, type[Operator]] = {}
+_OPERATORS: dict[str, AnyOperator] = {}
+_BY_CONFIG: dict[type[OperatorConfig], AnyOperator] = {}
 _ENTRY_POINTS_LOADED = False
 
 
-def register_operator(cls: type[Operator], name: str | None = None) -> type[Operator]:
-    """Register an operator class under ``name`` (default: ``cls.name``); usable as a decorator."""
+def _same_definition(a: type, b: type) -> bool:
+    """The same class statement run twice (a module imported again): not a clash."""
+    return a.__module__ == b.__module__ and a.__qualname__ == b.__qualname__
+
+
+def register_operator(cls: AnyOperator, name: str | None = None, *, override: bool = False) -> AnyOperator:
+    """Register an operator class under ``name`` (default: ``cls.name``).
+
+    Raises:
+        OperatorExistsError: the name is taken by another operator and ``override`` is False.
+    """
     key = name or cls.name
     if not key:
         raise ConfigError(f"operator {cls.__name__} has no name to register under")
+    taken = _OPERATORS.get(key)
+    if taken is not None and taken is not cls and not override and not _same_definition(taken, cls):
+        raise OperatorExistsError(
+            f"operator name {key!r} is taken by {taken.__module__}.{taken.__qualname__}; "
+            f"choose another name or register with override=True"
+        )
     _OPERATORS[key] = cls
+    if cls.config_class is not OperatorConfig:
+        _BY_CONFIG[cls.config_class] = cls
     return cls
 
 
@@ -420,14 +581,15 @@ def _load_entry_points() -> None:
             )
             continue
         if isinstance(obj, type) and issubclass(obj, Operator):
-            _OPERATORS.setdefault(ep.name, obj)
+            if ep.name not in _OPERATORS:
+                register_operator(obj, ep.name)
         else:
             warnings.warn(
                 f"modulart: entry point {ep.name!r} is not an Operator subclass", RuntimeWarning, stacklevel=3
             )
 
 
-def get_operator(name: str) -> type[Operator]:
+def get_operator(name: str) -> AnyOperator:
     """The operator registered under ``name`` (entry points of group ``modulart.operators`` included)."""
     if name not in _OPERATORS:
         _load_builtin(name)
@@ -437,6 +599,22 @@ def get_operator(name: str) -> type[Operator]:
         return _OPERATORS[name]
     except KeyError:
         raise OperatorNotFoundError(f"no operator named {name!r}; available: {available_operators()}") from None
+
+
+def operator_for_config(config: OperatorConfig) -> AnyOperator:
+    """The operator whose config class is ``type(config)`` (or its nearest registered base)."""
+    if not isinstance(config, OperatorConfig):
+        raise ConfigError(f"expected an OperatorConfig (e.g. mt.emoe.EMoEConfig()), got {type(config).__name__}")
+    for attempt in range(2):
+        for klass in type(config).__mro__:
+            if klass in _BY_CONFIG:
+                return _BY_CONFIG[klass]
+        if attempt == 0:
+            _load_builtins()
+            _load_entry_points()
+    raise OperatorNotFoundError(
+        f"no registered operator takes a {type(config).__name__}; available: {available_operators()}"
+    )
 
 
 def available_operators() -> list[str]:
@@ -465,3 +643,62 @@ def _load_builtin(name: str) -> None:
 
     if name.isidentifier() and importlib.util.find_spec(f"modulart.{name}") is not None:
         importlib.import_module(f"modulart.{name}")
+
+
+# --- the two entry points -----------------------------------------------------------------------
+def apply(model: nn.Module, config: C, /, **overrides: Any) -> Handle[C]:
+    """Apply the operator that ``config``'s type belongs to (plug-ins included); returns its handle.
+
+    Example:
+        >>> import torch, modulart as mt
+        >>> model = torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.GELU(), torch.nn.Linear(16, 4))
+        >>> h = mt.apply(model, mt.kv.KVConfig(target="keys"))
+        >>> type(h).__name__, [n for n, p in model.named_parameters() if p.requires_grad]
+        ('KVHandle', ['0.weight'])
+        >>> h.remove()
+    """
+    op = operator_for_config(config)
+    return cast(Handle[C], op.apply(model, config, **overrides))
+
+
+def _load(model: nn.Module, art: Artifact, op: AnyOperator, check_fingerprint: bool) -> Handle[Any]:
+    config = op.config_class.from_saved(art.config, written_by=art.library_version)
+    target = unwrap_model(model)
+    if check_fingerprint:
+        art.check_fingerprint(target)
+    return cast(Handle[Any], op.apply_from_state(target, config, art.state))
+
+
+def load(
+    model: nn.Module,
+    path_or_repo_id: str | os.PathLike[str],
+    *,
+    check_fingerprint: bool = True,
+    revision: str | None = None,
+    local_files_only: bool | None = None,
+    cache_dir: str | None = None,
+) -> Handle[Any]:
+    """Apply a saved artefact to ``model`` and return the live handle.
+
+    ``path_or_repo_id`` is a local artefact folder or a Hub repo id (resolved from the local cache
+    when offline). The config version is checked (a too-new artefact says which modulart wrote
+    it), unknown config keys are dropped with a warning, and the model's fingerprint is compared
+    with the one saved, before anything changes.
+
+    Raises:
+        IncompatibleArtifactError: not an artefact, too new, or saved from another model (the
+            message names the tensors that differ; ``check_fingerprint=False`` overrides).
+
+    Example:
+        >>> import tempfile, torch, modulart as mt
+        >>> model = torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.GELU(), torch.nn.Linear(16, 4))
+        >>> h = mt.kv.apply(model, target="values", mode="lora", rank=2)
+        >>> d = h.save(tempfile.mkdtemp() + "/kv"); h.remove()
+        >>> again = mt.load(model, d)
+        >>> type(again).__name__, sorted(again.state_dict())
+        ('KVHandle', ['2.lora_A', '2.lora_B'])
+        >>> again.remove()
+    """
+    local = resolve_artifact(path_or_repo_id, revision=revision, local_files_only=local_files_only, cache_dir=cache_dir)
+    art = load_artifact(local)
+    return _load(model, art, get_operator(art.operator), check_fingerprint)

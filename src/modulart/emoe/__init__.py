@@ -2,7 +2,8 @@
 
 Split each chosen FFN's neurons into ``N`` balanced experts by clustering their key vectors, route
 every token to its top-``k`` experts with a gate derived from the keys themselves (no new
-parameters), fine-tune as usual, then ``merge_()`` back to a stock dense model.
+parameters), fine-tune as usual, then ``to_dense()`` back to a stock dense model (which changes the
+function unless ``top_k == num_experts``; ``merge_()``, which must preserve it, succeeds only then).
 
 Example:
     >>> import torch, modulart as mt
@@ -12,13 +13,14 @@ Example:
     >>> stats = next(iter(handle.routing_stats().values()))
     >>> stats.tokens, round(sum(stats.load), 6)
     (4, 1.0)
-    >>> _ = handle.merge_()
+    >>> _ = handle.to_dense()
 """
 
 from modulart.emoe.cluster import balanced_kmeans, random_balanced_labels, within_cluster_cosine
 from modulart.emoe.config import EMoEConfig, default_layers
+from modulart.emoe.handle import EMoEHandle
 from modulart.emoe.layer import ConvertedFFN, RoutingStats
-from modulart.emoe.operator import EMoE, EMoEHandle, apply
+from modulart.emoe.operator import EMoE, EMoEPlan, apply
 from modulart.emoe.routing import ExpertGroups
 
 __all__ = [
@@ -26,6 +28,7 @@ __all__ = [
     "EMoE",
     "EMoEConfig",
     "EMoEHandle",
+    "EMoEPlan",
     "ExpertGroups",
     "RoutingStats",
     "apply",

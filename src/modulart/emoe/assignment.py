@@ -23,6 +23,8 @@ import itertools
 
 import numpy as np
 
+from modulart.core.errors import ConvergenceError
+
 __all__ = ["BALANCE_ROUNDS", "REFINE_PASSES", "assign", "refine"]
 
 BALANCE_ROUNDS = 100  # at most this many price-raising rounds before the exact assignment
@@ -206,14 +208,14 @@ def assign(cost: np.ndarray, caps: np.ndarray, prices: np.ndarray) -> tuple[np.n
             counts[root] -= 1
             counts[t] += 1
         if not src:  # pragma: no cover - only reachable with float pathologies (negative cycles)
-            raise RuntimeError("balanced assignment found no augmenting path")
+            raise ConvergenceError("balanced assignment found no augmenting path")
         src_a = np.asarray(src, dtype=np.int64)
         dst_a = np.asarray(dst, dtype=np.int64)
         touched = np.unique(np.concatenate([labels[src_a], dst_a]))
         labels[src_a] = dst_a
         _row_moves(cost, labels, w, who, touched)
     else:  # pragma: no cover - every pass augments or cancels a negative cycle
-        raise RuntimeError("balanced assignment did not converge")
+        raise ConvergenceError("balanced assignment did not converge")
     potentials, _ = _shortest_paths(w, np.zeros(k), tol)
     prices = -potentials
     return labels, prices - prices.min()

@@ -9,7 +9,10 @@ Both executors work through hooks on the FFN view's sites; the model's modules a
 - **sparse** (inference): at ``input_site`` the hook computes the FFN output from the selected
   experts only (tokens grouped by expert, one gather of the weights per call, contiguous per-expert
   slices), then hands the module an *empty* token dimension so the dense path costs nothing; at
-  ``output_site`` the hook returns the sparse result. Outputs equal the masked executor's.
+  ``output_site`` the hook returns the sparse result. Outputs equal the masked executor's. Other
+  operators' hooks inside the FFN would see that empty token dimension, so :class:`EMoE
+  <modulart.emoe.EMoE>` claims the FFN's subtree for a sparse layer
+  (:func:`modulart.core.sharing.claim`): they are refused with a ``CompositionError``.
 
 Example:
     >>> import torch, modulart as mt
@@ -87,6 +90,13 @@ class ConvertedFFN:
         self._q: torch.Tensor | None = None
         self._pending: torch.Tensor | None = None
         self._weight_cache: tuple[tuple[object, ...], list[tuple[torch.Tensor, ...]]] | None = None
+
+    def set_split(self, labels: torch.Tensor, centroids: torch.Tensor) -> None:
+        """Replace the neuron -> expert labels and the frozen centroids (what a saved state restores)."""
+        device = self.ffn.keys.device
+        groups = ExpertGroups(labels.long().to(device), self.config.num_experts)
+        self.groups, self.frozen = groups, centroids.to(device, torch.float32)
+        self._weight_cache = None  # regrouped weights follow the labels
 
     # --- routing ------------------------------------------------------------------------------
     def scores(self, q: torch.Tensor, h: torch.Tensor | None = None) -> torch.Tensor:
@@ -169,7 +179,11 @@ class ConvertedFFN:
         ffn = self.ffn
         tensors = (ffn.keys, ffn.up, ffn.values.t(), ffn.key_bias, ffn.up_bias)
         grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-        stamp = tuple((t.data_ptr(), t._version) if t is not None else None for t in tensors)
+        refs = (ffn.key_proj, ffn.up_proj, ffn.value_proj)  # effective (PEFT) weights are fresh tensors
+        stamp: tuple[object, ...] = (
+            *((t.data_ptr(), t._version) if t is not None else None for t in tensors),
+            *(r.stamp for r in refs if r is not None),
+        )
         if not grad and self._weight_cache is not None and self._weight_cache[0] == stamp:
             return self._weight_cache[1]
         order = self.groups.order.to(ffn.keys.device)

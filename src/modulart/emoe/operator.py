@@ -1,4 +1,4 @@
-"""The EMoE operator: convert dense FFNs into emergent experts, and back.
+"""The EMoE operator: convert dense FFNs into emergent experts.
 
 Example:
     >>> import torch, modulart as mt
@@ -14,6 +14,7 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -21,13 +22,23 @@ from torch import nn
 
 from modulart.core.errors import ConfigError, IncompatibleArtifactError
 from modulart.core.ffn import FFN, find_ffns
-from modulart.core.operator import Handle, Operator, OperatorConfig, Plan
+from modulart.core.operator import Operator, Plan
 from modulart.core.select import select_views
+from modulart.core.sharing import claim
+from modulart.core.types import StateValue
 from modulart.emoe.cluster import balanced_kmeans, random_balanced_labels
 from modulart.emoe.config import EMoEConfig, default_layers
-from modulart.emoe.layer import ConvertedFFN, RoutingStats
+from modulart.emoe.handle import EMoEHandle
 
-__all__ = ["EMoE", "EMoEHandle", "apply"]
+__all__ = ["EMoE", "EMoEHandle", "EMoEPlan", "apply"]
+
+
+@dataclass
+class EMoEPlan(Plan):
+    """The FFNs to convert and the neuron -> expert labels of each (``{path: [d_ff] int64}``)."""
+
+    ffns: list[FFN] = field(default_factory=list)
+    labels: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 def _chosen_ffns(model: nn.Module, config: EMoEConfig) -> list[FFN]:
@@ -52,91 +63,51 @@ def _split(ffn: FFN, config: EMoEConfig) -> torch.Tensor:
     )
 
 
-class EMoEHandle(Handle):
-    """A live EMoE conversion: routing telemetry, the balance loss, save/load, ``merge_()``."""
-
-    layers: dict[str, ConvertedFFN]
-
-    def routing_stats(self) -> dict[str, RoutingStats]:
-        """Per converted FFN: expert load, normalised selection entropy and stability since the last call."""
-        return {path: layer.stats() for path, layer in self.layers.items()}
-
-    def balance_loss(self) -> torch.Tensor:
-        """``balance_loss_weight`` × the sum over layers of the last forward's balance loss (add it to yours)."""
-        losses = [layer.last_balance_loss for layer in self.layers.values() if layer.last_balance_loss is not None]
-        cfg = self.config
-        assert isinstance(cfg, EMoEConfig)
-        if not losses:
-            return torch.zeros(())
-        return cfg.balance_loss_weight * torch.stack(losses).sum()
-
-    def labels(self) -> dict[str, torch.Tensor]:
-        """Expert id of every neuron, per converted FFN (``[d_ff]`` int64)."""
-        return {p: layer.groups.labels.clone() for p, layer in self.layers.items()}
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        out = {f"{p}.labels": layer.groups.labels.detach().cpu() for p, layer in self.layers.items()}
-        out |= {f"{p}.centroids": layer.frozen.detach().cpu() for p, layer in self.layers.items()}
-        return out
-
-    def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
-        expected = set(self.state_dict())
-        if set(state) != expected:
-            raise IncompatibleArtifactError(
-                f"EMoE state keys differ: missing {sorted(expected - set(state))[:6]}, "
-                f"unexpected {sorted(set(state) - expected)[:6]}"
-            )
-        for p, layer in self.layers.items():
-            if not torch.equal(state[f"{p}.labels"].to(layer.groups.labels), layer.groups.labels):
-                raise IncompatibleArtifactError(f"{p}: saved labels differ from the ones this conversion planned")
-            layer.frozen = state[f"{p}.centroids"].to(layer.frozen)
-
-    def merge_(self) -> nn.Module:
-        """Back to a stock dense model: hooks removed; no weight was ever permuted, so none is left."""
-        self._check_live()
-        self.remove()
-        return self.model
-
-
-class EMoE(Operator):
+class EMoE(Operator[EMoEConfig, EMoEPlan, EMoEHandle]):
     """Emergent MoE (arXiv 2310.10908): route tokens to clusters of FFN neurons, no new parameters."""
 
     name = "emoe"
-    config_class = EMoEConfig
-    handle_class = EMoEHandle
 
     @classmethod
-    def plan(cls, model: nn.Module, config: OperatorConfig) -> Plan:
-        assert isinstance(config, EMoEConfig)
+    def plan(cls, model: nn.Module, config: EMoEConfig) -> EMoEPlan:
         ffns = _chosen_ffns(model, config)
         _check_fits(ffns, config)
         labels = {f.path: _split(f, config) for f in ffns}
-        return Plan(targets=[f.path for f in ffns], selector=str(config.layers), data={"ffns": ffns, "labels": labels})
+        return EMoEPlan(targets=[f.path for f in ffns], selector=str(config.layers), ffns=ffns, labels=labels)
 
     @classmethod
-    def plan_from_state(cls, model: nn.Module, config: OperatorConfig, state: Mapping[str, torch.Tensor]) -> Plan:
-        assert isinstance(config, EMoEConfig)
+    def plan_from_state(cls, model: nn.Module, config: EMoEConfig, state: Mapping[str, StateValue]) -> EMoEPlan:
         ffns = _chosen_ffns(model, config)
         _check_fits(ffns, config)
         labels: dict[str, torch.Tensor] = {}
         for f in ffns:
             saved = state.get(f"{f.path}.labels")
-            if saved is None or tuple(saved.shape) != (f.d_ff,):
+            if not isinstance(saved, torch.Tensor) or tuple(saved.shape) != (f.d_ff,):
+                got = tuple(saved.shape) if isinstance(saved, torch.Tensor) else saved
                 raise IncompatibleArtifactError(
-                    f"EMoE artefact has no labels of shape ({f.d_ff},) for {f.path!r} "
-                    f"(got {None if saved is None else tuple(saved.shape)})"
+                    f"EMoE artefact has no labels of shape ({f.d_ff},) for {f.path!r} (got {got})"
                 )
             labels[f.path] = saved.long().to(f.keys.device)
-        return Plan(targets=[f.path for f in ffns], selector=str(config.layers), data={"ffns": ffns, "labels": labels})
+        return EMoEPlan(targets=[f.path for f in ffns], selector=str(config.layers), ffns=ffns, labels=labels)
 
     @classmethod
-    def install(cls, handle: Handle, plan: Plan) -> None:
-        assert isinstance(handle, EMoEHandle) and isinstance(handle.config, EMoEConfig)
-        handle.layers = {}
-        for f in plan.data["ffns"]:
-            layer = ConvertedFFN(f, plan.data["labels"][f.path], handle.config)
+    def install(cls, handle: EMoEHandle, plan: EMoEPlan) -> None:
+        """Install every layer's executor hooks; a sparse layer first claims its FFN for itself.
+
+        The sparse executor hands the FFN's modules an empty token dimension, so another
+        operator's hook inside the FFN (or on it) would see ``[..., 0, d]``: the claim refuses such
+        hooks, now and later, with a :class:`~modulart.core.errors.CompositionError`, until
+        ``remove()``.
+        """
+        for path, layer in handle.layers.items():
+            if handle.config.executor == "sparse":
+                claim(
+                    handle.registry,
+                    layer.ffn.module,
+                    f"EMoE's sparse executor on {path!r} computes the FFN itself and hands its modules an empty "
+                    "token dimension (executor='masked' composes with other operators)",
+                )
             layer.install(handle.registry)
-            handle.layers[f.path] = layer
 
 
 def apply(model: nn.Module, config: EMoEConfig | Mapping[str, Any] | None = None, /, **overrides: Any) -> EMoEHandle:
@@ -147,8 +118,7 @@ def apply(model: nn.Module, config: EMoEConfig | Mapping[str, Any] | None = None
         config: an :class:`EMoEConfig` (or dict); keyword overrides win.
 
     Returns:
-        The handle: ``routing_stats()``, ``balance_loss()``, ``save()``, ``remove()``, ``merge_()``.
+        The handle: ``routing_stats()``, ``balance_loss()``, ``save()``, ``remove()``, ``to_dense()``
+        (``merge_()`` only with ``top_k == num_experts``).
     """
-    handle = EMoE.apply(model, config, **overrides)
-    assert isinstance(handle, EMoEHandle)
-    return handle
+    return EMoE.apply(model, config, **overrides)

@@ -10,7 +10,7 @@ together; ``report.save(dir)`` / ``report.plot(dir)`` write arrays + JSON and PN
 Example:
     >>> import torch
     >>> import modulart.introspect as mi
-    >>> from modulart.emoe.routing import ExpertGroups
+    >>> from modulart.core.neuron_groups import ExpertGroups
     >>> model = torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.GELU(), torch.nn.Linear(32, 8))
     >>> groups = {"": ExpertGroups(torch.arange(32) % 4, 4)}   # a dense FFN analysed as 4 experts
     >>> w = mi.weights(model, experts=groups, progress=False)
@@ -20,11 +20,11 @@ Example:
 
 from modulart.introspect.checkpoint import CheckpointSource, DenseCheckpoint
 from modulart.introspect.live import ModelSource
-from modulart.introspect.report import Report, outlier_check, report
-from modulart.introspect.routing import LayerRouting, NormScoreCorrelation, RoutingAnalysis, routing
+from modulart.introspect.reporting import Report, outlier_check, report
+from modulart.introspect.routing_analysis import LayerRouting, NormScoreCorrelation, RoutingAnalysis, routing
 from modulart.introspect.sources import MATRICES, LayerReader, WeightSource
-from modulart.introspect.static import LayerStats, ReorderResult
-from modulart.introspect.weights import GateVsExperts, PCAResult, Similarity, Weights, weights
+from modulart.introspect.static import LayerWeightStats, ReorderResult
+from modulart.introspect.weight_analysis import GateVsExperts, PCAResult, Similarity, Weights, weights
 
 __all__ = [
     "MATRICES",
@@ -33,7 +33,7 @@ __all__ = [
     "GateVsExperts",
     "LayerReader",
     "LayerRouting",
-    "LayerStats",
+    "LayerWeightStats",
     "ModelSource",
     "NormScoreCorrelation",
     "PCAResult",

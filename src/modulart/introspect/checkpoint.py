@@ -37,12 +37,15 @@ import logging
 import re
 from collections import defaultdict
 from os import PathLike
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Literal
 
 from modulart.core.errors import IncompatibleArtifactError, ShapeError
 from modulart.introspect.keyed import ROLE, keyed_layers
 from modulart.introspect.sources import LayerPlan, LayerReader, Member, TensorReader, WeightSource
 from modulart.introspect.stored import StoredMatrix, checkpoint_index, plain
+
+if TYPE_CHECKING:
+    from modulart.introspect.live import DenseSpec
 
 __all__ = ["CheckpointSource", "DenseCheckpoint", "checkpoint_index"]
 
@@ -72,7 +75,7 @@ class CheckpointSource(WeightSource):
         IncompatibleArtifactError: no MoE layer found, a missing tensor, or a wrong shape (named).
     """
 
-    def __init__(self, directory: str | PathLike[str], *, dense: Any = None, verify: bool = True) -> None:
+    def __init__(self, directory: str | PathLike[str], *, dense: DenseSpec = None, verify: bool = True) -> None:
         from modulart.introspect.live import dense_members
         from modulart.introspect.skeleton import load_skeleton
 

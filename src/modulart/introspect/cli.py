@@ -43,7 +43,7 @@ def add_inspect_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser])
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
-def _layers(spec: str | None) -> object:
+def _layers(spec: str | None) -> int | str | None:
     if spec is None:
         return None
     try:
@@ -72,7 +72,7 @@ def run_inspect(args: argparse.Namespace, echo: Callable[[str], None]) -> int:
         >>> lines[0].endswith("1 MoE layers, members ['e0', 'e1']")
         True
     """
-    from modulart.introspect.report import report
+    from modulart.introspect.reporting import report
 
     path = Path(args.path)
     if not path.is_dir():

@@ -19,8 +19,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from modulart.emoe.operator import apply as emoe_apply
-from modulart.introspect.report import Report, report
+from modulart.core.operator import get_operator
+from modulart.introspect.reporting import Report, report
 from modulart.text import reference_sentences
 
 __all__ = ["introspect_tour_step"]
@@ -77,8 +77,9 @@ def introspect_tour_step(
 
     sentences = reference_sentences(16)
     inputs = dict(tokenizer(sentences, return_tensors="pt", padding=True, truncation=True, max_length=64))
-    handle = emoe_apply(bert, num_experts=NUM_EXPERTS, top_k=TOP_K, layers="last_third")
-    try:
+    # through the operator registry: introspect imports no operator package
+    handle = get_operator("emoe").apply(bert, num_experts=NUM_EXPERTS, top_k=TOP_K, layers="last_third")
+    try:  # an EMoE handle implements the NeuronExperts protocol (expert_groups())
         emo = report(bert, inputs, experts=handle, progress=False)
     finally:
         handle.remove()

@@ -26,6 +26,8 @@ from dataclasses import dataclass
 
 import torch
 
+from modulart.core.errors import ShapeError
+
 __all__ = ["Footprint", "Piece", "footprint", "locate"]
 
 
@@ -82,7 +84,7 @@ def _dense_order(base: torch.Tensor) -> list[int]:
     expect = 1
     for k in reversed(order):
         if base.shape[k] > 1 and strides[k] != expect:
-            raise ValueError(f"a tensor of shape {list(base.shape)} with strides {base.stride()} is not dense")
+            raise ShapeError(f"a tensor of shape {list(base.shape)} with strides {base.stride()} is not dense")
         expect *= int(base.shape[k])
     return order
 
@@ -100,7 +102,7 @@ def footprint(view: torch.Tensor, base: torch.Tensor) -> Footprint:
         ((2, 2), (1, 1))
     """
     if view.dim() != 2:
-        raise ValueError(f"expected a 2-D view, got shape {list(view.shape)}")
+        raise ShapeError(f"expected a 2-D view, got shape {list(view.shape)}")
     order = _dense_order(base)
     stride = [int(s) for s in base.stride()]
     offset = int(view.storage_offset()) - int(base.storage_offset())
@@ -110,7 +112,7 @@ def footprint(view: torch.Tensor, base: torch.Tensor) -> Footprint:
         if base.shape[k] > 1:
             start[k], rest = divmod(rest, stride[k])
     if rest or offset < 0 or any(s >= n for s, n in zip(start, base.shape, strict=True)):
-        raise ValueError(f"offset {offset} lies outside a tensor of shape {list(base.shape)}")
+        raise ShapeError(f"offset {offset} lies outside a tensor of shape {list(base.shape)}")
     axes: list[tuple[int, int]] = []
     for n, s in zip((int(v) for v in view.shape), (int(v) for v in view.stride()), strict=True):
         if n == 1:
@@ -128,7 +130,7 @@ def footprint(view: torch.Tensor, base: torch.Tensor) -> Footprint:
             None,
         )
         if hit is None or hit[0] in [d for d, _ in axes]:
-            raise ValueError(f"a view of stride {view.stride()} is not a strided selection of {list(base.shape)}")
+            raise ShapeError(f"a view of stride {view.stride()} is not a strided selection of {list(base.shape)}")
         axes.append(hit)
     return Footprint(tuple(start), (axes[0], axes[1]), (int(view.shape[0]), int(view.shape[1])))
 

@@ -2,8 +2,9 @@
 
 - MoE blocks (every layout the MoE view reads: per-expert ModuleList, fused 3-D, GPT-OSS
   interleaved/transposed) give routed experts ``e0..``, shared experts ``s0..`` and the router.
-- Dense FFNs analysed as experts: pass ``experts=`` an EMoE handle (its neuron groups and avg-k
-  router) or a mapping ``{ffn_path: ExpertGroups}``; each group of neurons is an expert and its
+- Dense FFNs analysed as experts: pass ``experts=`` a
+  :class:`~modulart.core.neuron_groups.NeuronExperts` (an EMoE handle: its neuron groups and
+  avg-k router) or a mapping ``{ffn_path: ExpertGroups}``; each group of neurons is an expert and its
   mean key row is the router row, as in EMoE.
 - An optional dense reference model (``dense=``) adds the ``F`` member: the same-layer FFN.
 
@@ -11,7 +12,7 @@ Example:
     >>> import torch
     >>> from modulart.introspect.live import ModelSource
     >>> model = torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.GELU(), torch.nn.Linear(32, 8))
-    >>> from modulart.emoe.routing import ExpertGroups
+    >>> from modulart.core.neuron_groups import ExpertGroups
     >>> src = ModelSource(model, experts={"": ExpertGroups(torch.arange(32) % 4, 4)})
     >>> r = src.layer(0)
     >>> r.members, r.shape(0, "act"), r.has(0, "up")
@@ -20,21 +21,30 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from os import PathLike
-from typing import Any
+from typing import Protocol, TypeAlias
 
 import torch
 from torch import nn
 
-from modulart.core.errors import ShapeError, UnsupportedModuleError
+from modulart.core.errors import InvalidArgumentError, ShapeError, UnsupportedModuleError
 from modulart.core.ffn import FFN, find_ffns
 from modulart.core.moe import MoE, find_moes
-from modulart.emoe.routing import ExpertGroups
+from modulart.core.neuron_groups import ExpertGroups
 from modulart.introspect.members import ffn_matrices, moe_members
+from modulart.introspect.neuron_experts import ExpertsSpec, neuron_splits
 from modulart.introspect.sources import LayerReader, Member, TensorReader, WeightSource, memory_reader
 
-__all__ = ["ModelSource", "dense_members", "ffn_tensors"]
+__all__ = ["DenseMembers", "DenseSpec", "ModelSource", "dense_members", "ffn_tensors"]
+
+DenseSpec: TypeAlias = nn.Module | str | PathLike[str] | None
+"""A dense reference: a dense ``nn.Module``, a checkpoint directory of safetensors, or None."""
+
+
+class DenseMembers(Protocol):
+    """The ``F`` member's source: a layer's canonical FFN readers, or None when it has no FFN."""
+
+    def tensors(self, layer: int) -> dict[str, TensorReader] | None: ...
 
 
 def ffn_tensors(ffn: FFN, what: str) -> dict[str, TensorReader]:
@@ -58,7 +68,7 @@ class _DenseModel:
         return None if f is None else ffn_tensors(f, f"dense {f.path}")
 
 
-def dense_members(dense: Any) -> Any:
+def dense_members(dense: DenseSpec) -> DenseMembers | None:
     """An object with ``tensors(layer) -> {matrix: TensorReader} | None`` for a dense reference.
 
     ``dense`` is a dense ``nn.Module`` or a checkpoint directory of safetensors (read lazily).
@@ -76,24 +86,12 @@ def dense_members(dense: Any) -> Any:
         from modulart.introspect.checkpoint import DenseCheckpoint
 
         return DenseCheckpoint(dense)
-    raise TypeError(f"dense must be an nn.Module or a checkpoint directory, got {type(dense).__name__}")
+    raise InvalidArgumentError(f"dense must be an nn.Module or a checkpoint directory, got {type(dense).__name__}")
 
 
-def _groups_of(experts: Any) -> dict[str, tuple[ExpertGroups, torch.Tensor | None]]:
-    """``{ffn_path: (groups, frozen centroids or None)}`` from an EMoE handle or a mapping."""
-    layers = getattr(experts, "layers", None)
-    if isinstance(layers, Mapping):  # an EMoE handle: {path: ConvertedFFN}
-        out = {}
-        for path, layer in layers.items():
-            frozen = layer.frozen if getattr(layer.config, "router", "") == "frozen" else None
-            out[path] = (layer.groups, frozen)
-        return out
-    if isinstance(experts, Mapping):
-        bad = [p for p, g in experts.items() if not isinstance(g, ExpertGroups)]
-        if bad:
-            raise TypeError(f"experts mapping: values must be ExpertGroups; not for {bad[:4]}")
-        return {str(p): (g, None) for p, g in experts.items()}
-    raise TypeError(f"experts must be an EMoE handle or a mapping {{ffn_path: ExpertGroups}}, got {type(experts)}")
+def _groups_of(experts: ExpertsSpec) -> dict[str, tuple[ExpertGroups, torch.Tensor | None]]:
+    """``{ffn_path: (groups, frozen centroids or None)}`` from a NeuronExperts or a mapping."""
+    return {p: (split.groups, split.centroids) for p, split in neuron_splits(experts).items()}
 
 
 class ModelSource(WeightSource):
@@ -102,10 +100,11 @@ class ModelSource(WeightSource):
     Args:
         model: the model.
         dense: optional dense reference (``nn.Module`` or checkpoint dir) giving the ``F`` member.
-        experts: analyse dense FFNs as experts: an EMoE handle or ``{ffn_path: ExpertGroups}``.
+        experts: analyse dense FFNs as experts: a :class:`~modulart.core.neuron_groups.NeuronExperts`
+            (an EMoE handle) or ``{ffn_path: ExpertGroups}``.
     """
 
-    def __init__(self, model: nn.Module, *, dense: Any = None, experts: Any = None) -> None:
+    def __init__(self, model: nn.Module, *, dense: DenseSpec = None, experts: ExpertsSpec | None = None) -> None:
         self.model = model
         self.name = type(model).__name__
         self._dense = dense_members(dense)
@@ -126,8 +125,8 @@ class ModelSource(WeightSource):
 
     @property
     def layer_indices(self) -> list[int]:
-        items: list[Any] = self._moes or [f for f, _, _ in self._ffns]
-        return [v.layer if v.layer is not None else i for i, v in enumerate(items)]
+        layers = [m.layer for m in self._moes] if self._moes else [f.layer for f, _, _ in self._ffns]
+        return [v if v is not None else i for i, v in enumerate(layers)]
 
     def layer(self, position: int) -> LayerReader:
         position = self._check_position(position)

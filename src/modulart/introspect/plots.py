@@ -1,4 +1,4 @@
-"""PNG figures of a :class:`~modulart.introspect.report.Report` (matplotlib, imported lazily, Agg backend).
+"""PNG figures of a :class:`~modulart.introspect.Report` (matplotlib, imported lazily, Agg backend).
 
 Figures: ``s1_grid.png`` / ``s2_grid.png`` (heat maps, matrix types × layers), ``s4_gate_vs_experts.png``
 (router-row cosine against mean-neuron cosine per layer, with the fit and R), ``pca_experts.png``,
@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 if TYPE_CHECKING:
-    from modulart.introspect.report import Report
+    from modulart.introspect.reporting import Report
 
 __all__ = ["plot_report"]
 

@@ -29,7 +29,7 @@ from typing import Literal, TypeAlias
 
 import torch
 
-from modulart.core.errors import ShapeError
+from modulart.core.errors import ConfigError, OutOfRangeError, ShapeError
 
 __all__ = [
     "MATRICES",
@@ -59,7 +59,7 @@ def check_matrix(matrix: str) -> MatrixName:
         'act'
     """
     if matrix not in MATRICES:
-        raise ValueError(f"matrix must be one of {list(MATRICES)} (act = gate_proj / w1), got {matrix!r}")
+        raise ConfigError(f"matrix must be one of {list(MATRICES)} (act = gate_proj / w1), got {matrix!r}")
     return matrix
 
 
@@ -108,7 +108,7 @@ class TensorReader(ABC):
         """Chunk ``c`` of ``n`` along ``axis`` (default :attr:`chunk_axis`; ``n == 1``: the whole matrix)."""
         axis = self.chunk_axis if axis is None or n == 1 else axis
         if axis not in self.axes:
-            raise ValueError(f"this matrix is chunked along axis {self.chunk_axis}, not {axis}")
+            raise ConfigError(f"this matrix is chunked along axis {self.chunk_axis}, not {axis}")
         size = self.shape[axis]
         return self.read(size * c // n, size * (c + 1) // n, axis)
 
@@ -219,7 +219,7 @@ class WeightSource(ABC):
     def _check_position(self, position: int) -> int:
         n = len(self.layer_indices)
         if not isinstance(position, int) or not -n <= position < n:
-            raise IndexError(
+            raise OutOfRangeError(
                 f"{self.name}: layer position {position!r} out of range; there are {n} MoE layers "
                 f"(block indices {self.layer_indices})"
             )

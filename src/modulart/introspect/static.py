@@ -11,7 +11,7 @@ together) and keeps only small accumulators:
 
 Example:
     >>> import torch
-    >>> from modulart.emoe.routing import ExpertGroups
+    >>> from modulart.core.neuron_groups import ExpertGroups
     >>> from modulart.introspect.live import ModelSource
     >>> model = torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.GELU(), torch.nn.Linear(32, 8))
     >>> reader = ModelSource(model, experts={"": ExpertGroups(torch.arange(32) % 4, 4)}).layer(0)
@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from modulart.core.errors import ModulartError, ShapeError
+from modulart.core.errors import ConfigError, ModulartError, OutOfRangeError, ShapeError
 from modulart.introspect.sources import (
     NEURON_AXIS,
     LayerReader,
@@ -42,7 +42,7 @@ from modulart.introspect.sources import (
 )
 
 __all__ = [
-    "LayerStats",
+    "LayerWeightStats",
     "ReorderResult",
     "kendall_tau",
     "neuron_pca",
@@ -54,7 +54,7 @@ __all__ = [
 
 
 @dataclass
-class LayerStats:
+class LayerWeightStats:
     """Accumulated weight statistics of one layer (fp32).
 
     Attributes:
@@ -87,7 +87,7 @@ class LayerStats:
 
 def scan_layer(
     reader: LayerReader, matrices: Sequence[str], budget_bytes: int = 128 << 20, pca: Sequence[str] = ()
-) -> LayerStats:
+) -> LayerWeightStats:
     """One streaming pass over ``matrices`` of a layer: S1 Grams, S2 neuron means, S5 z-scored Grams.
 
     Args:
@@ -98,11 +98,11 @@ def scan_layer(
         pca: the matrices (among ``matrices``) whose z-scored Gram (S5) is accumulated too (the costliest part).
 
     Returns:
-        The :class:`LayerStats` (router read too).
+        The :class:`LayerWeightStats` (router read too).
     """
     members, kinds = reader.members, reader.kinds
     n_m = len(members)
-    stats = LayerStats(reader.index, members, kinds, reader.router())
+    stats = LayerWeightStats(reader.index, members, kinds, reader.router())
     for matrix in matrices:
         check_matrix(matrix)
         have = [m for m in range(n_m) if reader.has(m, matrix)]
@@ -312,11 +312,13 @@ def reorder_similarity(
         (True, 1.0, True)
     """
     if method not in ("assignment", "nearest"):
-        raise ValueError(f"method must be 'assignment' or 'nearest', got {method!r}")
+        raise ConfigError(f"method must be 'assignment' or 'nearest', got {method!r}")
     n_m = len(reader.members)
     for name, m in (("a", a), ("b", b)):
         if not 0 <= m < n_m:
-            raise IndexError(f"pair member {name}={m} out of range: layer {reader.index} has members {reader.members}")
+            raise OutOfRangeError(
+                f"pair member {name}={m} out of range: layer {reader.index} has members {reader.members}"
+            )
     mats = [check_matrix(x) for x in matrices if reader.has(a, x) and reader.has(b, x)]
     na, nb = _neurons(reader, a, mats), _neurons(reader, b, mats)
     if na.shape[1] != nb.shape[1]:

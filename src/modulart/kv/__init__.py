@@ -2,8 +2,9 @@
 
 FFNs act as key-value memories: the first layer's rows are keys, the second layer's columns are
 values. ``apply`` makes exactly the chosen matrices of the chosen blocks trainable — fully
-(``mode="full"``), as low-rank deltas through hooks (``"lora"``), or only for the rows / columns of
-selected neurons (``"mask"``) — and ``remove()`` restores every ``requires_grad`` flag.
+(``mode="full"``), as low-rank deltas through hooks (``"lora"``; the LoRA tensors are parameters of
+the model while the handle lives), or only for the rows / columns of selected neurons
+(``"mask"``) — and ``remove()`` restores every ``requires_grad`` flag.
 
 Example:
     >>> import torch
@@ -19,8 +20,10 @@ Example:
 """
 
 from modulart.kv.config import KEY_SIDES, MODES, TARGETS, KVConfig
+from modulart.kv.handle import KVHandle
 from modulart.kv.lora import LoRA
-from modulart.kv.operator import KV, KVHandle, apply
+from modulart.kv.operator import KV, KVPlan, apply
+from modulart.kv.peft_targets import peft_target_modules
 from modulart.kv.report import KVReport, ReportRow
 from modulart.kv.targets import Part, find_blocks, resolve_parts
 
@@ -31,11 +34,13 @@ __all__ = [
     "TARGETS",
     "KVConfig",
     "KVHandle",
+    "KVPlan",
     "KVReport",
     "LoRA",
     "Part",
     "ReportRow",
     "apply",
     "find_blocks",
+    "peft_target_modules",
     "resolve_parts",
 ]

@@ -13,11 +13,15 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import TypeAlias
 
 from modulart.core.operator import OperatorConfig, option
+from modulart.core.select import LayersArg
 
-__all__ = ["KEY_SIDES", "MODES", "TARGETS", "KVConfig"]
+__all__ = ["KEY_SIDES", "MODES", "TARGETS", "KVConfig", "NeuronsArg"]
+
+NeuronsArg: TypeAlias = "float | dict[str, list[int]]"
+"""Mode ``mask``: a fraction of neurons per block, or block path -> neuron indices."""
 
 TARGETS = ("keys", "values", "both")
 KEY_SIDES = ("gate", "up", "both")
@@ -34,7 +38,7 @@ class KVConfig(OperatorConfig):
         "gated FFNs / experts: which key-side matrix counts as keys: 'gate', 'up' or 'both' "
         "(ignored for plain FFNs, whose keys are the first layer)",
     )
-    layers: Any = option(
+    layers: LayersArg = option(
         "all",
         "which blocks: a select_layers specification over the FFN / MoE blocks in depth order "
         "(on dense models: the indices of find_ffns(model)), or a list of block paths",
@@ -45,7 +49,7 @@ class KVConfig(OperatorConfig):
     rank: int = option(8, "lora: rank r of the deltas")
     alpha: float = option(16.0, "lora: the delta is scaled by alpha / rank")
     lora_dropout: float = option(0.0, "lora: dropout on the input of the delta path (training mode only)")
-    neurons: Any = option(
+    neurons: NeuronsArg = option(
         1.0,
         "mask: a fraction in (0, 1] of neurons per block kept trainable (chosen at random with seed), or a "
         "dict block path -> list of neuron indices (blocks left out keep every neuron)",

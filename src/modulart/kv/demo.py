@@ -8,11 +8,11 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 
 import torch
 from torch import nn
 
+from modulart.core.types import JSONValue
 from modulart.kv.operator import apply
 
 __all__ = ["kv_tour_step"]
@@ -20,7 +20,7 @@ __all__ = ["kv_tour_step"]
 
 def kv_tour_step(
     model: nn.Module, loss_fn: Callable[[], torch.Tensor], echo: Callable[[str], None], steps: int = 3
-) -> dict[str, Any]:
+) -> dict[str, JSONValue]:
     """Full key tuning for ``steps`` steps (only the keys move), then a LoRA on the keys merged back."""
     before = {k: v.detach().clone() for k, v in model.state_dict().items()}
     handle = apply(model, target="keys", layers="last_half", mode="full")
@@ -57,7 +57,7 @@ def kv_tour_step(
     return {
         "trainable_keys": report.trainable,
         "model_total": report.model_total,
-        "changed": changed,
+        "changed": list(changed),
         "lora_trainable": lora_report.trainable,
         "merge_gap": abs(merged.item() - unmerged.item()),
     }

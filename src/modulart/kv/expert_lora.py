@@ -29,6 +29,7 @@ Example:
 from __future__ import annotations
 
 import math
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -49,6 +50,8 @@ class ExpertLoRA(nn.Module):
         rank, alpha: LoRA rank and scale numerator (``scale = alpha / rank``).
         generator: seeds ``A``'s Kaiming-uniform initialisation.
     """
+
+    _modulart_owned: ClassVar[bool] = True
 
     def __init__(
         self,
@@ -89,13 +92,21 @@ class ExpertLoRA(nn.Module):
 
 
 class FusedDelta(nn.Module):
-    """The parametrisation ``W -> W + Σ ΔW`` of one fused parameter (gate and up halves may share it)."""
+    """The parametrisation ``W -> W + Σ ΔW`` of one fused parameter (gate and up halves may share it).
+
+    ``active = False`` makes it the identity (the handle's ``disable()``): the weight reads as stored.
+    """
+
+    _modulart_owned: ClassVar[bool] = True
 
     def __init__(self, parts: list[ExpertLoRA]) -> None:
         super().__init__()
         self.parts = nn.ModuleList(parts)
+        self.active = True
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        if not self.active:
+            return weight
         out = weight
         for p in self.parts:
             assert isinstance(p, ExpertLoRA)
@@ -103,16 +114,23 @@ class FusedDelta(nn.Module):
         return out
 
 
-def parametrize_param(owner: nn.Module, name: str, delta: FusedDelta) -> None:
-    """Make ``owner.<name>`` read as ``W + ΔW`` (the stored parameter object is kept as ``original``)."""
+def parametrize_param(owner: nn.Module, name: str, delta: FusedDelta) -> list[str]:
+    """Make ``owner.<name>`` read as ``W + ΔW`` (the stored parameter object is kept as ``original``).
+
+    Returns:
+        The order of ``owner``'s parameters before (for :func:`unparametrize_param`).
+    """
+    order = list(owner._parameters)
     parametrize.register_parametrization(owner, name, delta, unsafe=True)
+    return order
 
 
-def unparametrize_param(owner: nn.Module, name: str, *, merge: bool) -> None:
+def unparametrize_param(owner: nn.Module, name: str, *, merge: bool, order: list[str] | None = None) -> None:
     """Undo :func:`parametrize_param`; with ``merge`` first add ``ΔW`` into the stored weight.
 
     The original parameter object comes back under its own name (same tensor, so optimizers that
-    hold it keep working).
+    hold it keep working), at its place among ``owner``'s parameters when ``order`` is given (so
+    ``state_dict()`` lists the keys exactly as before).
     """
     if not parametrize.is_parametrized(owner, name):
         return
@@ -126,3 +144,7 @@ def unparametrize_param(owner: nn.Module, name: str, *, merge: bool) -> None:
                 assert isinstance(part, ExpertLoRA)
                 original.add_(part.dense(original.detach()))
     parametrize.remove_parametrizations(owner, name, leave_parametrized=False)
+    params = owner._parameters
+    if order is not None and set(order) == set(params):
+        for key in order:  # in place: re-insert in the original order
+            params[key] = params.pop(key)

@@ -1,10 +1,15 @@
-"""A minimal LoRA that lives outside the model: a forward hook adds ``dropout(x)·Aᵀ·Bᵀ·α/r``.
+"""A minimal LoRA registered into the model: a forward hook adds ``dropout(x)·Aᵀ·Bᵀ·α/r``.
 
 No module is replaced: the base linear map (``nn.Linear`` or HF ``Conv1D``, read in canonical
 ``[out, in]`` orientation through :class:`~modulart.core.linear.LinearRef`) stays as it is and its
 output gets the low-rank delta added by a hook of the operator's registry. ``A [r, in]`` starts
 kaiming-uniform (as PEFT does), ``B [out, r]`` at zero, so the model is unchanged at init. Half and
 bfloat16 weights get fp32 adapters (the delta is cast to the output dtype).
+
+A :class:`LoRA` is an ``nn.Module`` marked ``_modulart_owned``: the KV operator registers it as a
+child of the linear module it adapts (``<module>.modulart_kv_lora``), so ``model.named_parameters()``
+(any optimizer, the HF Trainer, DDP, FSDP2, ``save_pretrained``) sees ``lora_A`` / ``lora_B``, while
+fingerprints leave it out; the handle's ``remove()`` unregisters it again.
 
 Example:
     >>> import torch
@@ -23,7 +28,7 @@ Example:
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -44,6 +49,8 @@ class LoRA(nn.Module):
         dropout: dropout probability on the delta path's input (when the base module is training).
         generator: for the initialisation of ``A`` (determinism).
     """
+
+    _modulart_owned: ClassVar[bool] = True  # fingerprints and freeze_rest leave its tensors alone
 
     def __init__(
         self,

@@ -18,17 +18,25 @@ Example:
     >>> migu.remove()
 """
 
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
 from modulart.migu.config import MIGUConfig
 from modulart.migu.coverage import MIGUCoverageWarning
-from modulart.migu.operator import MIGU, MIGUHandle, Target, apply, find_targets
+from modulart.migu.handle import MIGUHandle
+from modulart.migu.operator import MIGU, MIGUPlan, Target, apply, find_targets
 from modulart.migu.stats import LayerStats, jaccard, keep_count, select_mask
 
 __all__ = [
     "MIGU",
     "LayerStats",
+    "MIGUCallback",
     "MIGUConfig",
     "MIGUCoverageWarning",
     "MIGUHandle",
+    "MIGUPlan",
     "Target",
     "apply",
     "find_targets",
@@ -36,3 +44,15 @@ __all__ = [
     "keep_count",
     "select_mask",
 ]
+
+if TYPE_CHECKING:
+    from modulart.migu.hf import MIGUCallback as MIGUCallback
+
+
+def __getattr__(name: str) -> object:
+    # MIGUCallback needs transformers: imported on first use, so `import modulart.migu` stays light
+    if name == "MIGUCallback":
+        value: object = importlib.import_module("modulart.migu.hf").MIGUCallback
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'modulart.migu' has no attribute {name!r}")

@@ -10,13 +10,16 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
 
+import torch
 from torch import nn
-from transformers import TrainerCallback
+from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
+from modulart.core.errors import InvalidStateError
+from modulart.core.types import JSONValue
 from modulart.migu.config import MIGUConfig
-from modulart.migu.operator import MIGU, MIGUHandle, apply
+from modulart.migu.handle import MIGUHandle
+from modulart.migu.operator import MIGU, apply
 
 __all__ = ["MIGUCallback"]
 
@@ -37,37 +40,42 @@ class MIGUCallback(TrainerCallback):  # type: ignore[misc]
 
     def __init__(
         self,
-        config: MIGUConfig | Mapping[str, Any] | None = None,
+        config: MIGUConfig | Mapping[str, JSONValue] | None = None,
         /,
         *,
         use_attention_mask: bool = False,
-        **overrides: Any,
+        **overrides: object,
     ) -> None:
-        cfg = MIGU.make_config(config, overrides)
-        assert isinstance(cfg, MIGUConfig)
-        self.config = cfg
+        self.config: MIGUConfig = MIGU.make_config(config, overrides)
         self.use_attention_mask = use_attention_mask
         self.handle: MIGUHandle | None = None
 
-    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+    def on_train_begin(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: object
+    ) -> None:
         model, optimizer = kwargs.get("model"), kwargs.get("optimizer")
         if not isinstance(model, nn.Module) or optimizer is None:
-            raise RuntimeError("MIGUCallback: the Trainer passed no model/optimizer to on_train_begin")
+            raise InvalidStateError("MIGUCallback: the Trainer passed no model/optimizer to on_train_begin")
         if self.handle is not None and not self.handle.removed:
             self.handle.remove()
         handle = apply(model, self.config, optimizer=optimizer)
         if self.use_attention_mask:
 
-            def grab(module: nn.Module, a: Any, kw: dict[str, Any]) -> None:
-                handle.set_token_mask(kw.get("attention_mask"))
+            def grab(module: nn.Module, args: tuple[object, ...], kw: dict[str, object]) -> None:
+                mask = kw.get("attention_mask")
+                handle.set_token_mask(mask if isinstance(mask, torch.Tensor) else None)
 
             handle.registry.forward_pre(model, grab, with_kwargs=True, name="migu/attention_mask")
         self.handle = handle
 
-    def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+    def on_pre_optimizer_step(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: object
+    ) -> None:
         if self.handle is not None and not self.handle.removed:
             self.handle.mask_()
 
-    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+    def on_train_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: object
+    ) -> None:
         if self.handle is not None:
             self.handle.remove()

@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from modulart.core.errors import InvalidStateError
+
 __all__ = ["LayerStats", "MaskHistory", "UnitStats", "jaccard", "keep_count", "random_mask", "select_mask"]
 
 _EPS = 1e-12
@@ -98,7 +100,7 @@ class UnitStats:
     def score(self) -> torch.Tensor:
         """``[units]`` fp32 score: the sum (``abs_sum``) or the per-token mean (``l1_token_mean``)."""
         if self.total is None or self.tokens is None:
-            raise RuntimeError("no forward was recorded")
+            raise InvalidStateError("no forward was recorded")
         if self.stat == "l1_token_mean":
             return self.total / self.tokens.clamp_min(1.0)
         return self.total

@@ -20,6 +20,7 @@ from torch import nn
 from modulart.core.errors import UnsupportedModuleError
 from modulart.core.linear import is_conv1d, is_linear_like
 from modulart.core.select import as_selector
+from modulart.core.unwrap import unwrap_model
 from modulart.migu.expert_discovery import core_moes, find_fused_experts, find_routers
 from modulart.migu.experts import FusedExperts
 
@@ -93,14 +94,16 @@ def find_targets(model: nn.Module, targets: Any = None, *, moe: bool = True) -> 
     weight; with ``moe``, also every MoE router with a trainable ``[E, d_model]`` weight, whatever
     its class. A user selector may pick linears (tied ones warn), routers or PEFT LoRA layers
     (expanded to their ``lora_A`` / ``lora_B`` linears); anything else raises
-    :class:`UnsupportedModuleError`. Fused experts are in :func:`discover`.
+    :class:`UnsupportedModuleError`. Fused experts are in :func:`discover`. A wrapped model
+    (DDP, ``torch.compile``, PEFT ``PeftModel``) is unwrapped first, so paths are the ones the
+    handle of :func:`modulart.migu.apply` reports.
 
     Example:
         >>> import torch
         >>> [t.path for t in find_targets(torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.Tanh()))]
         ['0']
     """
-    return discover(model, targets, moe=moe).targets
+    return discover(unwrap_model(model), targets, moe=moe).targets
 
 
 def discover(model: nn.Module, targets: Any = None, *, moe: bool = True) -> Discovery:

@@ -26,6 +26,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from modulart.core.errors import UnsupportedModuleError
 from modulart.core.ffn import FFN
 from modulart.core.linear import LinearRef, is_conv1d
 
@@ -98,7 +99,18 @@ def widen(
     """Swap in widened projections; returns ``[(path, original module)]`` to restore them.
 
     Shapes: ``keys``/``up`` ``[P, d_model]``, ``key_bias``/``up_bias`` ``[P]``, ``values [P, d_out]``.
+
+    Raises:
+        UnsupportedModuleError: a projection is a PEFT tuner layer (a widened plain layer would drop
+            its adapters); nothing is changed.
     """
+    peft = [r.path for r in (ffn.key_proj, ffn.up_proj, ffn.value_proj) if r is not None and r.is_peft]
+    if peft:
+        raise UnsupportedModuleError(
+            f"cannot bake patches into {ffn.path!r}: {sorted(set(peft))} are PEFT tuner layers, which a widened "
+            "plain layer would replace, dropping their adapters; merge the adapters first (`merge_and_unload()`) "
+            "or keep the patches as hooks (no bake)"
+        )
     if ffn.fused:
         assert ffn.up_proj is not None and up is not None and up_bias is not None
         plan = [(ffn.key_proj.path, _grow_fused(ffn, keys, key_bias, up, up_bias))]

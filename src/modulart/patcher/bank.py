@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from modulart.core.errors import IncompatibleArtifactError, ShapeError
+from modulart.core.errors import ConfigError, IncompatibleArtifactError, KeyNotFoundError, ShapeError
 
 __all__ = ["PatchBank", "Pending"]
 
@@ -159,7 +159,7 @@ class PatchBank:
             raise ShapeError(f"patch tensors have shapes {got}; expected {want}")
         dup = sorted(set(ids) & set(self.ids)) or sorted({i for i in ids if list(ids).count(i) > 1})
         if dup:
-            raise ValueError(f"patch ids already used: {dup}")
+            raise ConfigError(f"patch ids already used: {dup}")
 
         def cat(old: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
             return torch.cat([old, new.detach().to(self.device, torch.float32)])
@@ -179,7 +179,7 @@ class PatchBank:
         try:
             return self.ids.index(patch_id)
         except ValueError:
-            raise KeyError(f"no patch {patch_id!r} in this bank; patches: {self.ids[:10]}") from None
+            raise KeyNotFoundError(f"no patch {patch_id!r} in this bank; patches: {self.ids[:10]}") from None
 
     def remove(self, patch_ids: Sequence[str]) -> None:
         """Drop neurons (exact inverse of :meth:`add`)."""

@@ -2,7 +2,7 @@
 
 Only the chosen FFN's parameters (keys, up, values and their biases) train, with Adam, on the edit
 alone, until the edit is right or ``max_steps`` is reached; ``remove()`` restores the weights
-exactly. It has the same ``edit`` interface as :class:`~modulart.patcher.Patcher`, so
+exactly. It has the same ``edit`` interface as :class:`~modulart.patcher.PatcherHandle`, so
 :func:`~modulart.patcher.sequential_edit` can compare the two in one run.
 
 Example:

@@ -163,7 +163,7 @@ def patcher_tour_step(bert: nn.Module, tokenizer: Any, echo: Callable[[str], Non
             f"  locality on the other {len(others)} test sentences: accuracy {acc_before:.3f} -> {acc_after:.3f}, "
             f"predictions unchanged {unchanged:.1%}"
         )
-        patcher.remove(result.patch_ids)
+        patcher.remove_patch(result.patch_ids)
         _, restored = evaluate(clf, examples, "classification")
         same = all(torch.equal(a, b) for a, b in zip(restored, before, strict=True))
         echo(f"  removed the patch: all {len(test)} predictions back to the original ones: {same}")

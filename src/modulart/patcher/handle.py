@@ -22,7 +22,13 @@ Example:
     >>> result = patcher.edit(x, wrong)
     >>> result.success, len(patcher.patches), int(model(x[None]).argmax()) == wrong
     (True, 1, True)
-    >>> patcher.remove(result.patch_ids[0]); len(patcher.patches)
+    >>> patcher.disable_patch(result.patch_ids[0]); int(model(x[None]).argmax()) == wrong
+    False
+    >>> patcher.enable_patch(result.patch_ids[0])
+    >>> with patcher.disabled():  # the whole patcher off
+    ...     int(model(x[None]).argmax()) == wrong
+    False
+    >>> patcher.remove_patch(result.patch_ids[0]); len(patcher.patches)
     0
     >>> patcher.remove()
 """
@@ -33,18 +39,24 @@ import os
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
+from modulart.core.dispatch import HookHandle
 from modulart.core.errors import (
+    CompositionError,
     ConfigError,
+    IncompatibleArtifactError,
     ShapeError,
     UnsupportedOperationError,
 )
 from modulart.core.ffn import FFN
-from modulart.core.operator import Handle, Operator, OperatorConfig, Plan
+from modulart.core.fingerprint import Fingerprint, fingerprint
+from modulart.core.operator import AnyOperator, Handle
+from modulart.core.sharing import live_hooks, root_scope
+from modulart.core.types import StateDict, StateValue
 from modulart.patcher import memory as mem
 from modulart.patcher.bake import widen
 from modulart.patcher.bank import PatchBank
@@ -63,17 +75,33 @@ from modulart.patcher.task import (
 )
 from modulart.patcher.train import NeuronSet, clean_check, init_neurons, train_edits
 
-__all__ = ["Patcher"]
+if TYPE_CHECKING:
+    from modulart.patcher.operator import PatcherPlan
+
+__all__ = ["PatcherHandle"]
 
 Pair = tuple[Inputs, Any]
+_TENSOR_KEYS = ("keys", "key_bias", "values", "enabled", "up", "up_bias")
+_JSON_KEYS = ("layer", "patches", "next_patch", "next_edit")
 
 
-class Patcher(Handle):
-    """Transformer-Patcher on one FFN of a model: see :func:`modulart.patcher.apply`."""
+class PatcherHandle(Handle[PatcherConfig]):
+    """Transformer-Patcher on one FFN of a model: see :func:`modulart.patcher.apply`.
 
-    def __init__(self, model: nn.Module, operator: type[Operator], config: OperatorConfig, plan: Plan) -> None:
+    The verbs every handle has act on the whole patcher (``remove()``, ``disable()``,
+    ``enable()``, ``disabled()``, ``merge_()``); the verbs on single patches are named for them
+    (:meth:`remove_patch`, :meth:`disable_patch`, :meth:`enable_patch`, :meth:`is_patch_enabled`).
+
+    Attributes:
+        ffn: the patched FFN.
+        bank: the patch neurons (fp32).
+        memory: ``[N, d_model]`` FFN inputs the patches stay silent on (``None`` before
+            :meth:`set_memory`).
+    """
+
+    def __init__(self, model: nn.Module, operator: AnyOperator, config: PatcherConfig, plan: PatcherPlan) -> None:
         super().__init__(model, operator, config, plan)
-        self.ffn: FFN = plan.data["ffn"]
+        self.ffn: FFN = plan.ffn
         dev = self.ffn.key_proj.param.device
         self.bank = PatchBank(self.ffn.d_model, self.ffn.values.shape[0], self.ffn.gated, self.ffn.activation, dev)
         self.memory: torch.Tensor | None = None
@@ -82,14 +110,12 @@ class Patcher(Handle):
         self._baked: list[tuple[str, nn.Module]] | None = None
         self._next_patch = 1
         self._next_edit = 1
-
-    @property
-    def cfg(self) -> PatcherConfig:
-        assert isinstance(self.config, PatcherConfig)
-        return self.config
+        self._save_memory = False
 
     # --- hooks --------------------------------------------------------------------------------
-    def _install(self) -> None:
+    def install_hooks(self) -> None:
+        """Install the input and output hooks on the FFN (called once, by :class:`Patcher`)."""
+
         def keep_input(q: torch.Tensor) -> None:
             self._q = q
 
@@ -120,10 +146,12 @@ class Patcher(Handle):
         return [self._patches[i] for i in self.bank.ids]
 
     def patch(self, patch_id: str) -> Patch:
+        """The provenance of one patch (``KeyNotFoundError`` for an unknown id)."""
         self.bank.index(patch_id)
         return self._patches[patch_id]
 
-    def is_enabled(self, patch_id: str) -> bool:
+    def is_patch_enabled(self, patch_id: str) -> bool:
+        """Whether one patch acts (see :meth:`disable_patch`; the whole patcher: :attr:`enabled`)."""
         return bool(self.bank.enabled[self.bank.index(patch_id)])
 
     def _check_editable(self, what: str) -> None:
@@ -131,39 +159,46 @@ class Patcher(Handle):
         if self._baked is not None:
             raise UnsupportedOperationError(f"{what}: the patches are baked into {self.ffn.path!r}; unbake() first")
 
-    def disable(self, patch_id: str) -> None:
+    def _check_running(self, what: str) -> None:
+        """Editable, and the hooks run (they see the FFN input that editing and telemetry need)."""
+        self._check_editable(what)
+        if not self._enabled:
+            raise UnsupportedOperationError(f"{what}: the patcher is disabled; enable() it first")
+
+    def disable_patch(self, patch_id: str) -> None:
         """Switch one patch off (it stays stored)."""
-        self._check_editable("disable")
+        self._check_editable("disable_patch")
         self.bank.set_enabled(patch_id, False)
 
-    def enable(self, patch_id: str) -> None:
+    def enable_patch(self, patch_id: str) -> None:
         """Switch one patch back on."""
-        self._check_editable("enable")
+        self._check_editable("enable_patch")
         self.bank.set_enabled(patch_id, True)
 
-    def remove(self, patch_id: str | Sequence[str] | None = None) -> None:
-        """Remove one patch (or several) exactly; with no argument remove the whole patcher.
-
-        Removing the patcher unbakes first, so the model is then exactly what it was.
-        """
-        if patch_id is None:
-            if not self.removed and self._baked is not None:
-                self.unbake()
-            super().remove()
-            return
-        self._check_editable("remove")
-        ids = [patch_id] if isinstance(patch_id, str) else list(patch_id)
+    def remove_patch(self, patch_ids: str | Sequence[str]) -> None:
+        """Remove one patch (or several) exactly: patches are independent additive terms."""
+        self._check_editable("remove_patch")
+        ids = [patch_ids] if isinstance(patch_ids, str) else list(patch_ids)
         self.bank.remove(ids)
         for i in ids:
             del self._patches[i]
 
-    def _set_enabled(self, enabled: bool) -> None:
+    # --- the whole patcher --------------------------------------------------------------------
+    def _teardown(self) -> None:
+        """Put the original layers back if baked, so the model is exactly what it was."""
         if self._baked is not None:
-            raise UnsupportedOperationError("disabled(): the patches are baked; unbake() first")
+            self.unbake()
+        self._q = None
+
+    def disable(self) -> None:
+        """Switch the whole patcher off (every patch stays stored); refused while baked."""
+        if self._baked is not None and self._enabled:
+            raise UnsupportedOperationError("disable(): the patches are baked; unbake() first")
+        super().disable()
 
     # --- memory -------------------------------------------------------------------------------
     def _memory_policy(self) -> str:
-        policy = self.cfg.position_policy
+        policy = self.config.position_policy
         return "all" if policy == "erroneous_target_tokens" else policy
 
     def _forward_inputs(self, batch: Inputs) -> torch.Tensor:
@@ -196,16 +231,16 @@ class Patcher(Handle):
         Batches are token tensors ``[B, L]`` or tokenizer outputs (``attention_mask`` marks padding).
         Vectors are taken at the position policy's positions and capped at ``memory_size``.
         """
-        self._check_editable("set_memory")
+        self._check_running("set_memory")
         vectors = self._collect(inputs)
-        self.memory = mem.cap_memory(vectors, self.cfg.memory_size, self.cfg.seed)
+        self.memory = mem.cap_memory(vectors, self.config.memory_size, self.config.seed)
 
     def add_memory(self, inputs: Inputs | Iterable[Inputs]) -> None:
         """Append the FFN inputs of ``inputs`` to the memory (capped at ``memory_size``)."""
-        self._check_editable("add_memory")
+        self._check_running("add_memory")
         vectors = self._collect(inputs)
         both = vectors if self.memory is None else torch.cat([self.memory, vectors])
-        self.memory = mem.cap_memory(both, self.cfg.memory_size, self.cfg.seed)
+        self.memory = mem.cap_memory(both, self.config.memory_size, self.config.seed)
 
     # --- predictions --------------------------------------------------------------------------
     def _clean(self, examples: Sequence[Example]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
@@ -228,12 +263,12 @@ class Patcher(Handle):
 
     def is_correct(self, pairs: Sequence[Pair]) -> list[bool]:
         """Whether the model (with its patches) is right on each ``(inputs, target)`` pair."""
-        right, _ = evaluate(self.model, [make_example(x, y, self.cfg.task) for x, y in pairs], self.cfg.task)
+        right, _ = evaluate(self.model, [make_example(x, y, self.config.task) for x, y in pairs], self.config.task)
         return [bool(r) for r in right]
 
     def fired(self, inputs: Inputs) -> FiringReport:
         """Which patches fire where on ``inputs`` (a batch): pre-activations ``[B, L, P]`` above ``fire_threshold``."""
-        self._check_editable("fired")
+        self._check_running("fired")
         was = self.model.training
         self.model.eval()
         try:
@@ -243,7 +278,7 @@ class Patcher(Handle):
         finally:
             self.model.train(was)
         q = mem.as_batch_seq(q, mem.batch_size(inputs))
-        return FiringReport(list(self.bank.ids), self.bank.pre_activation(q), float(self.cfg.fire_threshold))
+        return FiringReport(list(self.bank.ids), self.bank.pre_activation(q), float(self.config.fire_threshold))
 
     # --- editing ------------------------------------------------------------------------------
     def edit(
@@ -265,8 +300,8 @@ class Patcher(Handle):
         sees the others' neurons. Inputs of different lengths need an ``attention_mask`` to share a
         pass (otherwise they are trained in groups of equal length).
         """
-        self._check_editable("edit")
-        cfg = self.cfg
+        self._check_running("edit")
+        cfg = self.config
         if not pairs:
             return []
         if texts is not None and len(texts) != len(pairs):
@@ -311,7 +346,7 @@ class Patcher(Handle):
         positions: Mapping[int, list[list[int]]],
         texts: Sequence[tuple[str | None, str | None]] | None,
     ) -> list[EditResult]:
-        cfg = self.cfg
+        cfg = self.config
         exs = [examples[i] for i in group]
         # seeds follow the edit's content, not its place in a batch or a stream
         seeds = [int(content_hash((ex.inputs, ex.target, cfg.seed)), 16) % (1 << 62) for ex in exs]
@@ -346,7 +381,7 @@ class Patcher(Handle):
     def _commit(
         self, ns: NeuronSet, rows: list[int], ex: Example, edit_id: str, out: Any, text: tuple[str | None, str | None]
     ) -> list[str]:
-        cfg = self.cfg
+        cfg = self.config
         ids = [f"p{self._next_patch + j:06d}" for j in range(len(rows))]
         self._next_patch += len(rows)
         r = torch.tensor(rows, device=self.bank.device)
@@ -359,6 +394,7 @@ class Patcher(Handle):
                 up=ns.up[r] if ns.up is not None else None,
                 up_bias=ns.up_bias[r] if ns.up_bias is not None else None,
             )
+        digest = fingerprint(self.model).digest
         hyper = {k: cfg.to_dict()[k] for k in ("init", "lr", "max_steps", "activation_weight", "views", "seed")}
         hyper |= {"memory_weight": cfg.mu, "label_smoothing": cfg.smoothing}
         hyper |= {"silence_margin": cfg.silence_margin, "edit_margin": cfg.edit_margin}
@@ -373,7 +409,7 @@ class Patcher(Handle):
                 target_hash=content_hash(ex.target),
                 text=text[0],
                 target_text=text[1],
-                base_model=self.base_fingerprint.digest,
+                base_model=digest,
                 hyperparameters=hyper,
                 steps=out.steps,
                 edit_activation=m["edit_activation"],
@@ -387,9 +423,40 @@ class Patcher(Handle):
     def baked(self) -> bool:
         return self._baked is not None
 
+    def _check_composable(self, what: str) -> None:
+        """Refuse to replace the FFN's layers under another operator's hooks (they would stop running)."""
+        own = self.registry
+
+        def mine(h: HookHandle) -> bool:
+            reg = h._registry
+            while reg is not None:
+                if reg is own:
+                    return True
+                reg = reg.parent
+            return False
+
+        foreign = [h for h in live_hooks([self.ffn.module], subtree=True) if not mine(h)]
+        if foreign:
+            ops = sorted({root_scope(h.scope) for h in foreign})
+            paths = sorted({h.path for h in foreign})
+            raise CompositionError(
+                f"{what}: operator(s) {ops} hook {paths[:5]} in the patched FFN {self.ffn.path!r}; widening "
+                f"replaces those layers and would silently bypass them. Remove (or merge_) "
+                f"{ops[0]!r} first, or keep the patches as hooks (no bake)"
+            )
+
     def bake(self) -> nn.Module:
-        """Widen the patched FFN with the enabled patches (hook-free inference); returns the model."""
-        self._check_editable("bake")
+        """Widen the patched FFN with the enabled patches (hook-free inference); returns the model.
+
+        Raises:
+            CompositionError: another operator hooks a module inside the FFN (widening would bypass it).
+        """
+        self._bake("bake")
+        return self.model
+
+    def _bake(self, what: str) -> None:
+        self._check_running(what)
+        self._check_composable(what)
         on = self.bank.enabled
         self._baked = widen(
             self.model,
@@ -400,7 +467,6 @@ class Patcher(Handle):
             up=self.bank.up[on] if self.bank.up is not None else None,
             up_bias=self.bank.up_bias[on] if self.bank.up_bias is not None else None,
         )
-        return self.model
 
     def unbake(self) -> nn.Module:
         """Put the original (unwidened) layers back; the patches act through hooks again."""
@@ -413,35 +479,106 @@ class Patcher(Handle):
         return self.model
 
     def merge_(self) -> nn.Module:
-        """Bake for good: the widened layers stay, the hooks go, the patcher is removed."""
+        """Bake for good (function-preserving): the widened layers stay, the hooks go, the patcher is removed.
+
+        Raises:
+            CompositionError: another operator hooks a module inside the FFN.
+            UnsupportedOperationError: the patcher is disabled (merging would change the function).
+        """
         if self._baked is None:
-            self.bake()
-        self._baked = None
-        self.registry.remove()
-        self._removed = True
+            self._bake("merge_")
+        self._baked = None  # the widened layers stay: nothing to put back on remove()
+        self.remove()
         return self.model
 
     # --- state --------------------------------------------------------------------------------
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        """The patch tensors: ``keys``, ``key_bias``, ``values``, ``enabled`` (+ ``up``, ``up_bias``)."""
-        return self.bank.state_dict()
+    def state_dict(self, *, include_memory: bool = False) -> StateDict:
+        """The patch tensors and their provenance: everything :meth:`load_state_dict` needs.
+
+        Tensors: ``keys``, ``key_bias``, ``values``, ``enabled`` (+ ``up``, ``up_bias`` for gated
+        FFNs; + ``memory`` with ``include_memory``). JSON values: ``layer`` (the FFN path),
+        ``patches`` (the :class:`Patch` records, in bank order), ``next_patch`` / ``next_edit``
+        (the id counters).
+        """
+        out: StateDict = dict(self.bank.state_dict())
+        if (include_memory or self._save_memory) and self.memory is not None:
+            out["memory"] = self.memory.detach().to("cpu").clone()
+        out["layer"] = self.ffn.path
+        out["patches"] = [p.to_dict() for p in self.patches]
+        out["next_patch"] = self._next_patch
+        out["next_edit"] = self._next_edit
+        return out
+
+    def load_state_dict(self, state: Mapping[str, StateValue]) -> None:
+        """Replace the patches, their provenance, the counters (and the memory, if saved) with ``state``.
+
+        Everything is checked before anything changes.
+
+        Raises:
+            IncompatibleArtifactError: the state belongs to another FFN, lacks entries, or does not fit.
+        """
+        self._check_editable("load_state_dict")
+        unknown = sorted(set(state) - {*_TENSOR_KEYS, *_JSON_KEYS, "memory"})
+        if unknown:
+            raise IncompatibleArtifactError(f"patcher state has unknown entries {unknown[:5]}")
+        layer = state.get("layer")
+        if layer != self.ffn.path:
+            raise IncompatibleArtifactError(
+                f"the patches were made for FFN {layer!r}; this patcher's config resolves to {self.ffn.path!r}"
+            )
+        raw = state.get("patches")
+        if not isinstance(raw, list) or not all(isinstance(p, dict) for p in raw):
+            raise IncompatibleArtifactError("patcher state entry 'patches' must be a list of patch records")
+        try:
+            patches = [Patch.from_dict(p) for p in raw if isinstance(p, dict)]
+        except TypeError as e:
+            raise IncompatibleArtifactError(f"patcher state holds a malformed patch record: {e}") from None
+        counters = {}
+        for key, least in (("next_patch", len(patches) + 1), ("next_edit", 1)):
+            value = state.get(key)
+            if not isinstance(value, int) or isinstance(value, bool) or value < least:
+                raise IncompatibleArtifactError(f"patcher state entry {key!r} = {value!r}: must be an int >= {least}")
+            counters[key] = value
+        tensors = {k: v for k, v in state.items() if k in _TENSOR_KEYS}
+        if not all(isinstance(v, torch.Tensor) for v in tensors.values()):
+            raise IncompatibleArtifactError(f"patcher state entries {sorted(tensors)} must be tensors")
+        memory = state.get("memory")
+        if memory is not None and (
+            not isinstance(memory, torch.Tensor) or memory.dim() != 2 or memory.shape[1] != self.ffn.d_model
+        ):
+            shape = tuple(memory.shape) if isinstance(memory, torch.Tensor) else type(memory).__name__
+            raise IncompatibleArtifactError(f"patcher memory {shape} does not fit d_model = {self.ffn.d_model}")
+        self.bank.load_state_dict(
+            {k: v for k, v in tensors.items() if isinstance(v, torch.Tensor)}, [p.id for p in patches]
+        )
+        self._patches = {p.id: p for p in patches}
+        if isinstance(memory, torch.Tensor):
+            self.memory = memory.to(self.bank.device, torch.float32).clone()
+        self._next_patch, self._next_edit = counters["next_patch"], counters["next_edit"]
+
+    def fingerprint(self) -> Fingerprint:
+        """The fingerprint of the model with the original (unwidened) layers, baked or not."""
+        if self._baked is None:
+            return super().fingerprint()
+        widened = [(path, self.model.get_submodule(path)) for path, _ in self._baked]
+        for path, module in self._baked:
+            self.model.set_submodule(path, module)
+        try:
+            return super().fingerprint()
+        finally:
+            for path, module in widened:
+                self.model.set_submodule(path, module)
 
     def save(self, directory: str | os.PathLike[str], *, include_memory: bool = False) -> Path:
-        """Write the patches (safetensors) and their provenance (JSON), atomically.
+        """Write the patches (safetensors) and their provenance (JSON), atomically (see :meth:`Handle.save`).
 
-        ``include_memory`` also stores the memory set, so editing can continue after :meth:`load`.
+        ``include_memory`` also stores the memory set, so editing can continue after loading.
         """
-        from modulart.patcher.persist import save_patcher
-
-        self._check_live()
-        return save_patcher(self, directory, include_memory=include_memory)
-
-    @classmethod
-    def load(cls, model: nn.Module, directory: str | os.PathLike[str], *, check_fingerprint: bool = True) -> Patcher:
-        """Re-apply saved patches to ``model``; the base-model fingerprint is checked first."""
-        from modulart.patcher.persist import load_patcher
-
-        return load_patcher(model, directory, check_fingerprint=check_fingerprint)
+        self._save_memory = include_memory
+        try:
+            return super().save(directory)
+        finally:
+            self._save_memory = False
 
 
 def _by_length(todo: list[int], examples: Sequence[Example]) -> list[list[int]]:

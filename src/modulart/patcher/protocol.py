@@ -51,7 +51,7 @@ class EditCase:
 
 
 class Editor(Protocol):
-    """What :func:`sequential_edit` drives: a :class:`~modulart.patcher.Patcher` or the fine-tuning baseline."""
+    """What :func:`sequential_edit` drives: a :class:`~modulart.patcher.PatcherHandle` or the fine-tuning baseline."""
 
     def edit(
         self, inputs: Inputs, target: Any, *, text: str | None = None, target_text: str | None = None

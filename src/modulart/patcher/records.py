@@ -104,7 +104,7 @@ class Patch:
 
 @dataclasses.dataclass
 class EditResult:
-    """What one call of :meth:`~modulart.patcher.Patcher.edit` did.
+    """What one call of :meth:`~modulart.patcher.PatcherHandle.edit` did.
 
     Attributes:
         edit_id: id of the edit.

@@ -15,8 +15,8 @@ Example:
 
 from modulart.stacking.check import FunctionNotPreservedError, assert_function_preserved, function_difference
 from modulart.stacking.checkpoint import MANIFEST_NAME, grow_checkpoint
-from modulart.stacking.grow import GrowthConfig, grow
-from modulart.stacking.operators import OPERATORS, GrowthOperator, GrowthRamp, get_operator, get_ramp
+from modulart.stacking.depth import GrowthConfig, grow
+from modulart.stacking.operators import OPERATORS, GrowthOperator, GrowthRamp, get_growth_operator, get_ramp
 from modulart.stacking.optim import POLICIES, grow_optimizer
 from modulart.stacking.plan import LayerPlan
 from modulart.stacking.schedule import GStackSchedule, LRRecipe, growth_tokens, gstack_schedule
@@ -36,7 +36,7 @@ __all__ = [
     "WidthRamp",
     "assert_function_preserved",
     "function_difference",
-    "get_operator",
+    "get_growth_operator",
     "get_ramp",
     "grow",
     "grow_checkpoint",

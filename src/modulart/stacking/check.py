@@ -12,14 +12,17 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, TypeAlias
 
 import torch
 from torch import nn
 
-from modulart.core.errors import ModulartError
+from modulart.core.errors import ModulartError, UnsupportedModuleError
 
 __all__ = ["FunctionNotPreservedError", "assert_function_preserved", "function_difference"]
+
+CheckInputs: TypeAlias = torch.Tensor | tuple[object, ...] | Mapping[str, object]
+"""What the models are called with: a tensor, a tuple of positional arguments or a dict of keyword arguments."""
 
 
 class FunctionNotPreservedError(ModulartError, AssertionError):
@@ -35,10 +38,10 @@ def _logits(out: Any) -> torch.Tensor:
             return v
     if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
         return out[0]
-    raise TypeError(f"cannot find logits in a model output of type {type(out).__name__}")
+    raise UnsupportedModuleError(f"cannot find logits in a model output of type {type(out).__name__}")
 
 
-def _run(model: nn.Module, inputs: Any) -> torch.Tensor:
+def _run(model: nn.Module, inputs: CheckInputs) -> torch.Tensor:
     m = copy.deepcopy(model).float().eval() if any(p.dtype != torch.float32 for p in model.parameters()) else model
     was = m.training
     m.eval()
@@ -55,7 +58,7 @@ def _run(model: nn.Module, inputs: Any) -> torch.Tensor:
     return _logits(out).float()
 
 
-def function_difference(small: nn.Module, grown: nn.Module, inputs: Any) -> float:
+def function_difference(small: nn.Module, grown: nn.Module, inputs: CheckInputs) -> float:
     """Max ``|logits_small - logits_grown|`` over ``inputs``, both models run in eval mode and fp32.
 
     Args:
@@ -73,7 +76,7 @@ def function_difference(small: nn.Module, grown: nn.Module, inputs: Any) -> floa
     return float((a - b).abs().max()) if a.numel() else 0.0
 
 
-def assert_function_preserved(small: nn.Module, grown: nn.Module, inputs: Any, *, atol: float = 1e-5) -> float:
+def assert_function_preserved(small: nn.Module, grown: nn.Module, inputs: CheckInputs, *, atol: float = 1e-5) -> float:
     """Raise :class:`FunctionNotPreservedError` unless the max logit difference is ``<= atol``.
 
     Returns:

@@ -32,7 +32,7 @@ from modulart.core.io import atomic_directory
 from modulart.stacking.blocks import block_info_by_name
 from modulart.stacking.hfconfig import depth_key, rewrite_config_dict
 from modulart.stacking.layout import layer_kinds
-from modulart.stacking.operators import get_operator
+from modulart.stacking.operators import get_growth_operator
 from modulart.stacking.plan import LayerPlan
 from modulart.stacking.sfio import CHUNK, header_bytes, parse_size
 from modulart.stacking.skeleton import kinds, layer_signatures, materialize
@@ -118,7 +118,7 @@ def plan_outputs(
         >>> [o.name + "<-" + o.source for o in plan_outputs(["l.0.w", "l.1.w"], LayerPlan.from_list([1, 1], 2))]
         ['l.0.w<-l.1.w', 'l.1.w<-l.1.w']
     """
-    op = get_operator(operator)
+    op = get_growth_operator(operator)
     if operator not in ("direct", "zero"):
         raise ConfigError(
             f"operator = {operator!r}: checkpoint growth supports 'direct' and 'zero' ({op.description} needs the "
@@ -126,7 +126,7 @@ def plan_outputs(
         )
     prefix, layers = block_prefix(names, blocks, kinds)
     plan.check_source(len(layers), f"checkpoint (block list {prefix!r})")
-    from modulart.stacking.grow import new_positions
+    from modulart.stacking.depth import new_positions
 
     new = set(new_positions(plan, operator))
     out: list[OutputTensor] = []

@@ -17,7 +17,7 @@ from torch import nn
 
 from modulart.stacking.check import function_difference
 from modulart.stacking.checkpoint import MANIFEST_NAME, grow_checkpoint
-from modulart.stacking.grow import grow
+from modulart.stacking.depth import grow
 from modulart.stacking.plan import LayerPlan
 from modulart.text import reference_sentences
 

@@ -15,6 +15,9 @@ Example:
 
 from __future__ import annotations
 
+import functools
+import types
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -23,13 +26,34 @@ import torch
 from torch import nn
 
 from modulart.core.arch import BLOCK_GROWTH_GENERIC, get_attr
-from modulart.core.errors import ConfigError, UnsupportedModuleError
+from modulart.core.errors import CompositionError, ConfigError, UnsupportedModuleError
 from modulart.core.ffn import find_ffns
 from modulart.core.hooks import HookRegistry, Priority
 from modulart.core.moe import find_moes
+from modulart.core.sharing import live_hooks, root_scope
+from modulart.core.types import OptimizerLike
+from modulart.core.unwrap import unwrap_optimizer
 from modulart.stacking.blocks import block_info
 
-__all__ = ["OPERATORS", "GrowthOperator", "GrowthRamp", "get_operator", "randomize_block", "zero_block_outputs"]
+__all__ = [
+    "OPERATORS",
+    "GrowthOperator",
+    "GrowthRamp",
+    "drop_copied_hooks",
+    "get_growth_operator",
+    "randomize_block",
+    "refuse_live_hooks",
+    "zero_block_outputs",
+]
+
+# the per-module torch hook dicts holding callables, each with the flag dicts keyed like it (state-dict
+# hooks, which module classes register for themselves, are not among them)
+_RUN_HOOK_DICTS: dict[str, tuple[str, ...]] = {
+    "_forward_hooks": ("_forward_hooks_with_kwargs", "_forward_hooks_always_called"),
+    "_forward_pre_hooks": ("_forward_pre_hooks_with_kwargs",),
+    "_backward_hooks": (),
+    "_backward_pre_hooks": (),
+}
 
 
 @dataclass(frozen=True)
@@ -63,11 +87,79 @@ OPERATORS: dict[str, GrowthOperator] = {
 }
 
 
-def get_operator(name: str) -> GrowthOperator:
+def get_growth_operator(name: str) -> GrowthOperator:
     """The operator called ``name``; :class:`ConfigError` listing the known ones otherwise."""
     if name not in OPERATORS:
         raise ConfigError(f"operator = {name!r}: must be one of {sorted(OPERATORS)}")
     return OPERATORS[name]
+
+
+def refuse_live_hooks(model: nn.Module, what: str) -> None:
+    """Refuse to copy a model that carries live modulart hooks (EMoE, LoRA, patcher, MIGU...).
+
+    A deep copy would copy the hooks' dispatchers with the modules: the copies would run
+    callbacks still tied to the original handle, and survive its ``remove()``.
+
+    Raises:
+        CompositionError: naming every operator with hooks on ``model`` and where they are.
+    """
+    hooks = live_hooks([model], subtree=True)
+    if not hooks:
+        return
+    ops = sorted({root_scope(h.scope) for h in hooks})
+    paths = sorted({h.path for h in hooks})
+    more = f" and {len(paths) - 3} more" if len(paths) > 3 else ""
+    raise CompositionError(
+        f"{what}: operator(s) {ops} have live hooks on the model (at {paths[:3]}{more}); a copy would carry "
+        f"them, still tied to their handles: remove() (or merge_()) those handles first, then apply them to "
+        f"the result again"
+    )
+
+
+def _shared_with_source(fn: object) -> bool:
+    """Whether a deep copy shares this hook callable with the source (plain functions are not copied)."""
+    while isinstance(fn, functools.partial):
+        fn = fn.func
+    return isinstance(fn, (types.FunctionType, types.BuiltinFunctionType))
+
+
+def drop_copied_hooks(grown: nn.Module, what: str) -> list[str]:
+    """Drop the forward / backward torch hooks a deep copy would share with the source; warn naming them.
+
+    A deep copy keeps plain functions (lambdas, closures, ``functools.partial`` of them) by
+    reference: such a hook would run on every copy of its module with its state still tied to the
+    source, and the handle the user holds could not remove it from the copies. Those are dropped.
+    Hooks that the copy duplicated along with the module (callable objects, methods of copied
+    objects) act on the module they are called with and are kept, as are state-dict hooks.
+    Returns the module paths whose hooks were dropped.
+    """
+    dropped: list[str] = []
+    for name, m in grown.named_modules():
+        hit = False
+        for attr, flag_dicts in _RUN_HOOK_DICTS.items():
+            hooks = getattr(m, attr, None)
+            if not isinstance(hooks, dict):
+                continue
+            for key in [k for k, fn in hooks.items() if _shared_with_source(fn)]:
+                hit = True
+                del hooks[key]
+                for flags in flag_dicts:
+                    table = getattr(m, flags, None)
+                    if isinstance(table, dict):
+                        table.pop(key, None)
+        if hit:
+            dropped.append(name or "<root>")
+            if not m._backward_hooks and not m._backward_pre_hooks:
+                m._is_full_backward_hook = None
+    if dropped:
+        more = f" and {len(dropped) - 5} more" if len(dropped) > 5 else ""
+        warnings.warn(
+            f"{what}: the forward/backward hook functions registered on the source model (at {dropped[:5]}{more}) "
+            f"were not copied into the result; register them on it again if it needs them",
+            UserWarning,
+            stacklevel=3,
+        )
+    return dropped
 
 
 def _residual_tensors(block: nn.Module, path: str) -> list[tuple[str, torch.Tensor]]:
@@ -146,6 +238,12 @@ class GrowthRamp:
     and :meth:`remove` drops the hooks. Find it on a grown model with
     :func:`~modulart.stacking.get_ramp`.
 
+    Not an operator handle: growth builds a new model and returns it, and the ramp is a plain
+    object that :func:`~modulart.stacking.grow` leaves on that model (no ``save()``, ``disable()``
+    or ``merge_()``; the grown model's weights are saved like any model's). :meth:`attach` and
+    :meth:`remove` mean what they mean on handles: hook an optimizer (accelerate's wrappers
+    unwrapped), undo the hooks (idempotent).
+
     Args:
         model: the grown model.
         block_paths: dotted paths of the new (masked) blocks.
@@ -173,16 +271,20 @@ class GrowthRamp:
         self.t += n
         return self.value
 
-    def attach(self, optimizer: torch.optim.Optimizer) -> None:
-        """Advance the ramp after every ``optimizer.step()``; hooks go away once the mask reaches 1."""
+    def attach(self, optimizer: OptimizerLike) -> None:
+        """Advance the ramp after every ``optimizer.step()`` (``optimizer`` may be an accelerate wrapper).
+
+        Raises:
+            InvalidArgumentError: ``optimizer`` holds no ``torch.optim.Optimizer``.
+        """
 
         def post(opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
             self.step()
 
-        self.registry.optimizer_step_post(optimizer, post, name="ramp-step")
+        self.registry.optimizer_step_post(unwrap_optimizer(optimizer), post, name="ramp-step")
 
     def remove(self) -> None:
-        """Remove the blending hooks (the new blocks then run at full strength)."""
+        """Remove the blending hooks (the new blocks then run at full strength); idempotent."""
         self.registry.remove()
         if getattr(self.model, "_modulart_growth_ramp", None) is self:
             del self.model._modulart_growth_ramp

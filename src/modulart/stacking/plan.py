@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from modulart.core.errors import ConfigError
+from modulart.core.types import JSONValue
 
 __all__ = ["LayerPlan"]
 
@@ -230,6 +231,6 @@ class LayerPlan:
                 start = prev = v
         return f"{','.join(parts)} ({self.num_layers} -> {self.grown_layers} layers)"
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self) -> dict[str, JSONValue]:
         """JSON-safe form."""
         return {"indices": list(self.indices), "num_layers": self.num_layers}

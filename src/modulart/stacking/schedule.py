@@ -16,9 +16,9 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import asdict, dataclass
-from typing import Any
 
 from modulart.core.errors import ConfigError
+from modulart.core.types import JSONValue
 
 __all__ = ["FITTED_MAX_PARAMS", "GStackSchedule", "LRRecipe", "growth_tokens", "gstack_schedule"]
 
@@ -75,7 +75,7 @@ class GStackSchedule:
     small_lr: LRRecipe
     grown_lr: LRRecipe
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self) -> dict[str, JSONValue]:
         return asdict(self)
 
 

@@ -34,7 +34,7 @@ from modulart.core.errors import ConfigError, ShapeError, UnsupportedModuleError
 from modulart.core.ffn import find_ffns
 from modulart.core.hooks import HookRegistry, Priority
 from modulart.core.linear import is_conv1d
-from modulart.stacking.operators import GrowthRamp
+from modulart.stacking.operators import GrowthRamp, drop_copied_hooks, refuse_live_hooks
 
 __all__ = ["D_FF_KEYS", "D_MODEL_KEYS", "WidthRamp", "grow_width"]
 
@@ -236,6 +236,7 @@ def grow_width(
     Raises:
         ConfigError: nothing to grow, a width below the current one, or an unsupported combination
             (``random`` and ``learn`` are d_ff-only; ``learn`` needs ``loss_fn``).
+        CompositionError: the source carries live modulart hooks (as :func:`~modulart.stacking.grow`).
     """
     if operator not in ("direct", "zero", "random", "learn"):
         raise ConfigError(f"operator = {operator!r}: must be one of 'direct', 'zero', 'random', 'learn'")
@@ -253,7 +254,9 @@ def grow_width(
         for f in find_ffns(model):
             if d_ff < f.d_ff:
                 raise ConfigError(f"d_ff = {d_ff}: smaller than {f.path!r}'s current {f.d_ff}; growth cannot shrink")
+    refuse_live_hooks(model, "grow_width()")
     out = copy.deepcopy(model)
+    drop_copied_hooks(out, "grow_width()")
     sites: list[tuple[str, int]] = []
     if d_ff is not None:
         sites = _grow_ffns(out, d_ff, "zero" if operator == "learn" else operator, gen)

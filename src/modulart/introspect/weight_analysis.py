@@ -1,9 +1,9 @@
-"""``modulart.introspect.weights``: the static analyses S1–S5 over every MoE layer of a model or checkpoint.
+"""``modulart.introspect.weight_analysis``: the static analyses S1–S5 over every MoE layer of a model or checkpoint.
 
 Example:
     >>> import torch
     >>> import modulart.introspect as mi
-    >>> from modulart.emoe.routing import ExpertGroups
+    >>> from modulart.core.neuron_groups import ExpertGroups
     >>> model = torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.GELU(), torch.nn.Linear(32, 8))
     >>> w = mi.weights(model, experts={"": ExpertGroups(torch.arange(32) % 4, 4)}, progress=False)
     >>> s1 = w.expert_similarity(matrix="act", level="matrix")
@@ -17,17 +17,17 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from os import PathLike
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from modulart.core.errors import ShapeError
-from modulart.core.select import select_layers
+from modulart.core.errors import ConfigError, InvalidArgumentError, OutOfRangeError, ShapeError
+from modulart.core.select import LayersArg, select_layers
 from modulart.introspect.sources import MATRICES, WeightSource, check_matrix
 from modulart.introspect.static import (
-    LayerStats,
+    LayerWeightStats,
     ReorderResult,
     neuron_pca,
     pca_from_gram,
@@ -35,6 +35,10 @@ from modulart.introspect.static import (
     reorder_similarity,
     scan_layer,
 )
+
+if TYPE_CHECKING:
+    from modulart.introspect.live import DenseSpec
+    from modulart.introspect.neuron_experts import ExpertsSpec
 
 __all__ = ["GateVsExperts", "PCAResult", "Similarity", "Weights", "offdiag_mean", "weights"]
 
@@ -123,7 +127,7 @@ class Weights:
     """
 
     def __init__(
-        self, source: WeightSource, *, layers: Any = None, budget_mb: float = 128, progress: bool | None = None
+        self, source: WeightSource, *, layers: LayersArg = None, budget_mb: float = 128, progress: bool | None = None
     ) -> None:
         self.source = source
         all_idx = source.layer_indices
@@ -131,7 +135,7 @@ class Weights:
         self.layers = [all_idx[p] for p in self.positions]
         self.budget_bytes = int(budget_mb * (1 << 20))
         self.progress = progress
-        self._stats: dict[int, LayerStats] = {}
+        self._stats: dict[int, LayerWeightStats] = {}
         self._done: dict[int, set[str]] = {}
         self._matrices: list[str] | None = None
 
@@ -144,7 +148,7 @@ class Weights:
             self._matrices = [m for m in MATRICES if reader.has(0, m)]
         return self._matrices
 
-    def scan(self, matrices: Sequence[str] | None = None, *, pca: Sequence[str] = ()) -> list[LayerStats]:
+    def scan(self, matrices: Sequence[str] | None = None, *, pca: Sequence[str] = ()) -> list[LayerWeightStats]:
         """Run (or reuse) the streaming pass for ``matrices`` (default: all the experts have), one layer
         in memory at a time; for the matrices in ``pca`` the S5 expert PCA is accumulated too."""
         from tqdm.auto import tqdm
@@ -175,7 +179,7 @@ class Weights:
 
     def _position(self, layer: int) -> int:
         if layer not in self.layers:
-            raise IndexError(f"layer {layer!r} is not an analysed MoE layer; layers: {self.layers}")
+            raise OutOfRangeError(f"layer {layer!r} is not an analysed MoE layer; layers: {self.layers}")
         return self.positions[self.layers.index(layer)]
 
     # --- S1 / S2 ------------------------------------------------------------------------------
@@ -194,7 +198,7 @@ class Weights:
         """
         check_matrix(matrix)
         if level not in ("matrix", "neuron_mean"):
-            raise ValueError(f"level must be 'matrix' (S1) or 'neuron_mean' (S2), got {level!r}")
+            raise ConfigError(f"level must be 'matrix' (S1) or 'neuron_mean' (S2), got {level!r}")
         stats = self.scan([matrix])
         n = max(len(s.members) for s in stats)
         ref = next(s for s in stats if len(s.members) == n)
@@ -224,7 +228,7 @@ class Weights:
         routers = []
         for s in stats:
             if s.router is None:
-                raise ValueError(f"layer {s.index} has no router weight")
+                raise ConfigError(f"layer {s.index} has no router weight")
             routers.append(F.normalize(s.router, dim=1) @ F.normalize(s.router, dim=1).t())
         router_cos = torch.stack(routers)
         e = router_cos.shape[1]
@@ -293,9 +297,9 @@ class Weights:
             labels = [m for m, k in zip(stats[0].members, stats[0].kinds, strict=True) if k == "expert"]
             return PCAResult(torch.stack(list(pts)), labels, torch.stack(list(ratios)), list(self.layers), level)
         if level != "neurons":
-            raise ValueError(f"level must be 'experts' or 'neurons', got {level!r}")
+            raise ConfigError(f"level must be 'experts' or 'neurons', got {level!r}")
         if layer is None:
-            raise ValueError("pca(level='neurons') needs layer=<block index>")
+            raise ConfigError("pca(level='neurons') needs layer=<block index>")
         reader = self.source.layer(self._position(layer))
         coords, owner, ratio = neuron_pca(reader, matrix, max_neurons=max_neurons, k=n_components, seed=seed)
         return PCAResult(coords, [reader.members[int(o)] for o in owner], ratio, [layer], level)
@@ -304,9 +308,9 @@ class Weights:
 def weights(
     source: nn.Module | str | PathLike[str] | WeightSource,
     *,
-    dense: Any = None,
-    experts: Any = None,
-    layers: Any = None,
+    dense: DenseSpec = None,
+    experts: ExpertsSpec | None = None,
+    layers: LayersArg = None,
     budget_mb: float = 128,
     progress: bool | None = None,
 ) -> Weights:
@@ -339,8 +343,10 @@ def weights(
         from modulart.introspect.checkpoint import CheckpointSource
 
         if experts is not None:
-            raise ValueError("experts= (dense FFNs as experts) needs a live model, not a checkpoint directory")
+            raise ConfigError("experts= (dense FFNs as experts) needs a live model, not a checkpoint directory")
         src = CheckpointSource(source, dense=dense)
     else:
-        raise TypeError(f"source must be a model, a checkpoint directory or a WeightSource, got {type(source)}")
+        raise InvalidArgumentError(
+            f"source must be a model, a checkpoint directory or a WeightSource, got {type(source)}"
+        )
     return Weights(src, layers=layers, budget_mb=budget_mb, progress=progress)

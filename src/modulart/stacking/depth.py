@@ -34,7 +34,15 @@ from modulart.core.errors import ConfigError
 from modulart.core.operator import OperatorConfig, option
 from modulart.stacking.blocks import block_info, find_block_list, place_first_block_copy, reindex_block
 from modulart.stacking.hfconfig import rewrite_config
-from modulart.stacking.operators import OPERATORS, GrowthRamp, get_operator, randomize_block, zero_block_outputs
+from modulart.stacking.operators import (
+    OPERATORS,
+    GrowthRamp,
+    drop_copied_hooks,
+    get_growth_operator,
+    randomize_block,
+    refuse_live_hooks,
+    zero_block_outputs,
+)
 from modulart.stacking.plan import LayerPlan
 
 __all__ = ["GrowthConfig", "grow", "new_positions", "resolve_plan"]
@@ -78,7 +86,7 @@ def new_positions(plan: LayerPlan, operator: str) -> list[int]:
     Raises:
         ConfigError: ``operator`` needs the source sequence in order but the plan lacks it.
     """
-    op = get_operator(operator)
+    op = get_growth_operator(operator)
     if not op.needs_in_order_plan:
         return []
     originals = plan.originals()
@@ -113,7 +121,7 @@ def grow(
     config: GrowthConfig | None = None,
     *,
     loss_fn: Callable[[nn.Module], torch.Tensor] | None = None,
-    **overrides: Any,
+    **overrides: object,
 ) -> nn.Module:
     """A new, deeper model: block ``i`` is built from source block ``plan[i]`` by the operator.
 
@@ -121,6 +129,15 @@ def grow(
     and head are copied unchanged. Hugging Face configs are rewritten (depth, ``layer_types`` and
     other per-layer arrays) and per-layer ``layer_idx`` attributes are re-indexed, so generation
     with a KV cache works on the grown model.
+
+    A plain function, not an operator: it returns a new model and keeps no handle (growth has
+    nothing to ``remove()``; the ``random`` operator's ramp is a :class:`GrowthRamp` on the
+    result). Operators go on the grown model afterwards: a source with live modulart hooks (EMoE,
+    KV / LoRA, patcher, MIGU, a bare ``HookRegistry``) is refused, since the copies would carry
+    hooks still tied to the source's handles. Forward / backward torch hooks registered on the
+    source as plain functions (lambdas, closures) are not copied, since every copy would share them
+    with the source (a ``UserWarning`` names where they were); hooks that are callable objects are
+    copied with their module, and state-dict hooks are kept.
 
     Args:
         model: the source model (any ``nn.Module`` with a homogeneous block list).
@@ -137,6 +154,8 @@ def grow(
 
     Raises:
         ConfigError: bad plan / config (before anything is built).
+        CompositionError: the source carries live modulart hooks (the message names the
+            operators); remove them first.
         UnsupportedModuleError: no block list, or (``zero``) a block without known outputs.
     """
     unknown = sorted(set(overrides) - set(GrowthConfig.field_help()))
@@ -145,6 +164,7 @@ def grow(
             f"grow() got unknown options {unknown}; GrowthConfig fields: {sorted(GrowthConfig.field_help())}"
         )
     cfg = GrowthConfig.from_dict({**(config.to_dict() if config else {}), **overrides})
+    refuse_live_hooks(model, "grow()")
     path, source_blocks = find_block_list(model, cfg.blocks)
     plan = resolve_plan(plan, len(source_blocks))
     if plan[0] != 0 and block_info(source_blocks[0]).first_block_only:
@@ -175,6 +195,7 @@ def grow(
         if s == 0:
             place_first_block_copy(block, i)
         grown_blocks.append(block)
+    drop_copied_hooks(grown, "grow()")
     if getattr(grown, "config", None) is not None and hasattr(grown.config, "to_dict"):
         rewrite_config(grown.config, plan, path, check=False)
     _rewrite_stack_configs(grown, path, plan)

@@ -1,4 +1,4 @@
-"""``modulart.introspect.routing``: the dynamic analyses D1–D4, by the paper's two-stage protocol.
+"""``modulart.introspect.routing_analysis``: the dynamic analyses D1–D4, by the paper's two-stage protocol.
 
 Stage 1 runs the model normally; a forward-pre hook on every MoE block keeps the block's input and
 recomputes the router scores from the router weight right there (robust to whatever the block's
@@ -33,15 +33,19 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from modulart.core.errors import ShapeError
-from modulart.core.hooks import HookRegistry
+from modulart.core.errors import ConfigError, OutOfRangeError, ShapeError, UnsupportedModuleError
+from modulart.core.ffn import FFN, find_ffns
+from modulart.core.hooks import HookRegistry, HookSite
 from modulart.core.moe import MoE, find_moes
+from modulart.core.neuron_groups import ExpertGroups, NeuronExpertSplit, select_topk
+from modulart.core.types import Batch, ModelInputs
+from modulart.introspect.neuron_experts import ExpertsSpec, neuron_splits
 
 __all__ = ["LayerRouting", "NormScoreCorrelation", "RoutingAnalysis", "routing"]
 
@@ -87,7 +91,7 @@ class _Layer:
         index: int,
         path: str,
         top_k: int,
-        site: Any,
+        site: HookSite,
         scores: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
         outputs: Callable[[torch.Tensor], torch.Tensor],
         acts: Callable[[torch.Tensor], torch.Tensor],
@@ -109,43 +113,54 @@ def _moe_layer(moe: MoE, i: int) -> _Layer:
     )
 
 
-def _emoe_layers(handle: Any) -> list[_Layer]:
-    from modulart.emoe.routing import select_topk
-
+def _split_layers(model: nn.Module, splits: Mapping[str, NeuronExpertSplit]) -> list[_Layer]:
+    """Stage-2 layers of dense FFNs split into neuron-group experts (e.g. by EMoE)."""
+    by_path = {f.path: f for f in find_ffns(model)}
+    missing = [p for p in splits if p not in by_path]
+    if missing:
+        raise UnsupportedModuleError(f"experts name FFNs that {type(model).__name__} does not have: {missing[:4]}")
     out = []
-    for i, (path, conv) in enumerate(handle.layers.items()):
-        ffn, groups = conv.ffn, conv.groups
+    for i, (path, split) in enumerate(splits.items()):
+        ffn, top_k = by_path[path], split.top_k
+        if top_k is None:
+            raise ConfigError(
+                f"experts[{path!r}]: the routing analyses need a routing rule (NeuronExpertSplit.top_k); "
+                "pass the operator's handle (e.g. an EMoE handle), not bare ExpertGroups"
+            )
 
         def scores(
-            x: torch.Tensor, conv: Any = conv, ffn: Any = ffn
+            x: torch.Tensor, split: NeuronExpertSplit = split, ffn: FFN = ffn, top_k: int = top_k
         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-            h = ffn.hidden(x) if conv.config.router == "oracle" else None
-            s = conv.scores(x, h).float()
-            idx = select_topk(s, conv.config.top_k)
+            if split.scores is not None:
+                s = split.scores(x, ffn.hidden(x) if split.needs_hidden else None).float()
+            else:  # the avg-k rule: x . (frozen or live mean key row of each group)
+                rows = split.centroids if split.centroids is not None else split.groups.centroids(ffn.keys.detach())
+                s = x.float() @ rows.to(x.device, torch.float32).t()
+            idx = select_topk(s, top_k)
             return s.softmax(-1), idx, torch.ones(idx.shape)
 
-        def outputs(x: torch.Tensor, ffn: Any = ffn, groups: Any = groups) -> torch.Tensor:
+        def outputs(x: torch.Tensor, ffn: FFN = ffn, groups: ExpertGroups = split.groups) -> torch.Tensor:
             h = ffn.hidden(x)
             return torch.stack(
                 [h[:, groups.members(j)] @ ffn.values[:, groups.members(j)].t() for j in range(groups.num_experts)]
             )
 
-        def acts(x: torch.Tensor, ffn: Any = ffn, groups: Any = groups) -> torch.Tensor:
+        def acts(x: torch.Tensor, ffn: FFN = ffn, groups: ExpertGroups = split.groups) -> torch.Tensor:
             a = ffn.activation(ffn.pre_activation(x))
             return torch.stack([a[:, groups.members(j)] for j in range(groups.num_experts)])
 
         layer = ffn.layer if ffn.layer is not None else i
-        out.append(_Layer(layer, path, conv.config.top_k, ffn.input_site, scores, outputs, acts))
+        out.append(_Layer(layer, path, top_k, ffn.input_site, scores, outputs, acts))
     return out
 
 
-def _batches(inputs: Any) -> list[Any]:
+def _batches(inputs: ModelInputs) -> list[Batch]:
     if isinstance(inputs, (list, tuple)) and inputs and not isinstance(inputs[0], (int, float)):
         return list(inputs)
-    return [inputs]
+    return [cast(Batch, inputs)]
 
 
-def _call(model: nn.Module, batch: Any) -> None:
+def _call(model: nn.Module, batch: Batch) -> None:
     with torch.no_grad():
         if isinstance(batch, Mapping):
             model(**batch)
@@ -153,11 +168,9 @@ def _call(model: nn.Module, batch: Any) -> None:
             model(batch)
 
 
-def _mask_of(batch: Any) -> torch.Tensor | None:
-    if isinstance(batch, Mapping) and isinstance(batch.get("attention_mask"), torch.Tensor):
-        m: torch.Tensor = batch["attention_mask"]
-        return m.bool()
-    return None
+def _mask_of(batch: Batch) -> torch.Tensor | None:
+    m = batch.get("attention_mask") if isinstance(batch, Mapping) else None
+    return m.bool() if isinstance(m, torch.Tensor) else None
 
 
 def _flatten(x: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -185,9 +198,9 @@ def _flatten(x: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, 
 
 def routing(
     model: nn.Module,
-    inputs: Any,
+    inputs: ModelInputs,
     *,
-    experts: Any = None,
+    experts: ExpertsSpec | None = None,
     layers: Sequence[int] | None = None,
     threshold: float = 1e-3,
     chunk_tokens: int = 1024,
@@ -198,7 +211,8 @@ def routing(
         model: a model with MoE blocks (or with EMoE-converted FFNs, given ``experts=``).
         inputs: a dict of keyword inputs, a tensor (positional input), or a list of those (batches).
             Tokens where ``attention_mask`` is 0 are left out.
-        experts: an EMoE handle: analyse its converted FFNs instead of MoE blocks.
+        experts: a :class:`~modulart.core.neuron_groups.NeuronExperts` with a routing rule (an EMoE
+            handle): analyse its expert-split FFNs instead of MoE blocks.
         layers: block indices to keep (default: all MoE layers).
         threshold: D3 activity threshold on ``|σ(W_act x)|``.
         chunk_tokens: tokens per stage-2 chunk (memory ``E × chunk × d``).
@@ -213,13 +227,15 @@ def routing(
         ([0, 1], (2, 4, 4), 48)
     """
     layer_list = (
-        _emoe_layers(experts) if experts is not None else [_moe_layer(m, i) for i, m in enumerate(find_moes(model))]
+        _split_layers(model, neuron_splits(experts))
+        if experts is not None
+        else [_moe_layer(m, i) for i, m in enumerate(find_moes(model))]
     )
     if layers is not None:
         known = [lay.index for lay in layer_list]
         bad = [i for i in layers if i not in known]
         if bad:
-            raise IndexError(f"layers {bad} are not MoE layers of {type(model).__name__}; MoE layers: {known}")
+            raise OutOfRangeError(f"layers {bad} are not MoE layers of {type(model).__name__}; MoE layers: {known}")
         layer_list = [lay for lay in layer_list if lay.index in layers]
     records: dict[
         int, list[tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor, torch.Tensor]]
@@ -344,7 +360,7 @@ class RoutingAnalysis:
         for r in self.records:
             if r.index == layer:
                 return r
-        raise IndexError(f"layer {layer!r} was not analysed; layers: {self.layers}")
+        raise OutOfRangeError(f"layer {layer!r} was not analysed; layers: {self.layers}")
 
     def output_similarity(self, kind: str = "angular") -> torch.Tensor:
         """D1: ``[L, E, E]`` token-averaged angular similarity (``kind="cosine"``: mean cosine).
@@ -356,7 +372,7 @@ class RoutingAnalysis:
             ((2, 4, 4), True)
         """
         if kind not in ("angular", "cosine"):
-            raise ValueError(f"kind must be 'angular' or 'cosine', got {kind!r}")
+            raise ConfigError(f"kind must be 'angular' or 'cosine', got {kind!r}")
         return torch.stack(
             [(r.angular_sum if kind == "angular" else r.cos_sum) / r.norms.shape[0] for r in self.records]
         )

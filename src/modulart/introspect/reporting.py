@@ -1,4 +1,4 @@
-"""``modulart.introspect.report``: headline numbers per layer, depth trends and the last-layer outlier check.
+"""``modulart.introspect.reporting``: headline numbers per layer, depth trends and the last-layer outlier check.
 
 A :class:`Report` is tidy arrays (``s1.act [L, M, M]``, ``d2.counts [L, E, E]``, ...) plus JSON
 metadata; :meth:`Report.save` writes both atomically (``arrays.safetensors`` + ``report.json``),
@@ -6,7 +6,7 @@ metadata; :meth:`Report.save` writes both atomically (``arrays.safetensors`` + `
 
 Example:
     >>> import torch, modulart.introspect as mi
-    >>> from modulart.emoe.routing import ExpertGroups
+    >>> from modulart.core.neuron_groups import ExpertGroups
     >>> model = torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.GELU(), torch.nn.Linear(32, 8))
     >>> rep = mi.report(model, experts={"": ExpertGroups(torch.arange(32) % 4, 4)}, progress=False)
     >>> sorted(k for k in rep.arrays if k.startswith("s1."))
@@ -25,13 +25,18 @@ from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
+from torch import nn
 
 from modulart._version import __version__
-from modulart.core.errors import IncompatibleArtifactError
+from modulart.core.errors import ConfigError, IncompatibleArtifactError
 from modulart.core.io import atomic_directory
-from modulart.introspect.routing import routing
+from modulart.core.select import LayersArg
+from modulart.core.types import ModelInputs
+from modulart.introspect.live import DenseSpec
+from modulart.introspect.neuron_experts import ExpertsSpec
+from modulart.introspect.routing_analysis import routing
 from modulart.introspect.sources import MATRICES
-from modulart.introspect.weights import Weights, offdiag_mean, weights
+from modulart.introspect.weight_analysis import Weights, offdiag_mean, weights
 
 __all__ = ["Report", "outlier_check", "report"]
 
@@ -52,7 +57,7 @@ HEADLINE = [
 ]
 
 
-def outlier_check(series: list[float], z_limit: float = 2.0, min_gap: float = 0.05) -> dict[str, Any]:
+def outlier_check(series: list[float], z_limit: float = 2.0, min_gap: float = 0.05) -> dict[str, float | bool | str]:
     """Is the last value of a per-layer series an outlier against the others?
 
     Returns the last value, the others' mean and std, the z-score, whether the last value lies
@@ -65,7 +70,7 @@ def outlier_check(series: list[float], z_limit: float = 2.0, min_gap: float = 0.
         True
     """
     vals = [v for v in series if not math.isnan(v)]
-    out: dict[str, Any] = {"last": series[-1] if series else float("nan")}
+    out: dict[str, float | bool | str] = {"last": series[-1] if series else float("nan")}
     if len(vals) < 3 or math.isnan(series[-1]):
         return out | {"outlier": False, "z": float("nan"), "slope": float("nan"), "note": "needs 3+ layers"}
     others = torch.tensor(series[:-1], dtype=torch.float64)
@@ -135,7 +140,7 @@ class Report:
         wanted = HEADLINE if columns is None else columns
         unknown = [c for c in wanted if columns is not None and c not in self.meta["columns"]]
         if unknown:
-            raise ValueError(f"unknown report column(s) {unknown}; available: {self.meta['columns']}")
+            raise ConfigError(f"unknown report column(s) {unknown}; available: {self.meta['columns']}")
         cols = [c for c in wanted if any(not math.isnan(r.get(c, float("nan"))) for r in self.rows)]
         head = f"{'layer':>5} " + " ".join(f"{c:>11}" for c in cols)
         lines = [head]
@@ -228,9 +233,9 @@ def _static(
 
 
 def _dynamic(
-    model: Any,
-    inputs: Any,
-    experts: Any,
+    model: nn.Module,
+    inputs: ModelInputs,
+    experts: ExpertsSpec | None,
     layers: list[int],
     arrays: dict[str, torch.Tensor],
     rows: list[dict[str, float]],
@@ -314,12 +319,12 @@ def _suggestions(
 
 
 def report(
-    model_or_dir: Any,
-    inputs: Any = None,
+    model_or_dir: nn.Module | str | PathLike[str],
+    inputs: ModelInputs | None = None,
     *,
-    dense: Any = None,
-    experts: Any = None,
-    layers: Any = None,
+    dense: DenseSpec = None,
+    experts: ExpertsSpec | None = None,
+    layers: LayersArg = None,
     budget_mb: float = 128,
     progress: bool | None = None,
     reorder_neurons: int | None = 256,
@@ -328,8 +333,8 @@ def report(
 
     Args:
         model_or_dir: a live model or a safetensors checkpoint directory (static analyses only).
-        inputs: model inputs for D1–D4 (live models only); see :func:`~modulart.introspect.routing.routing`.
-        dense, experts, layers, budget_mb, progress: as for :func:`~modulart.introspect.weights.weights`.
+        inputs: model inputs for D1–D4 (live models only); see :func:`~modulart.introspect.routing`.
+        dense, experts, layers, budget_mb, progress: as for :func:`~modulart.introspect.weights`.
         reorder_neurons: S3 on experts (0, 1) of every layer with this many sampled neurons (linear
             assignment when scipy is installed, else the nearest-neuron proxy); None skips S3.
 
@@ -340,7 +345,7 @@ def report(
         ([0, 1], True, (2, 4, 4))
     """
     if inputs is not None and not isinstance(model_or_dir, torch.nn.Module):
-        raise ValueError("inputs= needs a live model: the dynamic analyses run the model (a directory is streamed)")
+        raise ConfigError("inputs= needs a live model: the dynamic analyses run the model (a directory is streamed)")
     w = weights(model_or_dir, dense=dense, experts=experts, layers=layers, budget_mb=budget_mb, progress=progress)
     arrays: dict[str, torch.Tensor] = {}
     rows: list[dict[str, float]] = [{"layer": float(i)} for i in w.layers]
@@ -356,7 +361,7 @@ def report(
             after.append(sum(res.after.values()) / len(res.after))
             rows[i] |= {"S3 tau": res.tau, "S3 after": after[-1]}
         arrays["s3.tau"], arrays["s3.after"] = torch.tensor(taus), torch.tensor(after)
-    if inputs is not None:
+    if inputs is not None and isinstance(model_or_dir, nn.Module):  # checked above
         _dynamic(model_or_dir, inputs, experts, w.layers, arrays, rows, trends)
     for k, v in trends.items():
         arrays[f"trend.{k}"] = torch.tensor(v)

@@ -1,0 +1,361 @@
+"""The live MIGU application: statistics hooks, the step-boundary mask, overlap reports, its state.
+
+Example:
+    >>> import torch, modulart.migu
+    >>> model = torch.nn.Sequential(torch.nn.Linear(4, 10), torch.nn.ReLU(), torch.nn.Linear(10, 2))
+    >>> opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    >>> migu = modulart.migu.apply(model, keep_ratio=0.3, select="topk", optimizer=opt)
+    >>> with migu.disabled():  # plain fine-tuning inside: no statistics, no masks
+    ...     model(torch.randn(8, 4)).sum().backward(); opt.step(); opt.zero_grad()
+    >>> migu.stats()["0"].steps
+    0
+    >>> migu.remove()
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, TypeAlias
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from modulart.core.errors import IncompatibleArtifactError, UnsupportedModuleError, UnsupportedOperationError
+from modulart.core.grad_mask import GradientMasker
+from modulart.core.hooks import Priority
+from modulart.core.operator import AnyOperator, Handle
+from modulart.core.types import OptimizerLike, StateDict, StateValue
+from modulart.core.unwrap import unwrap_optimizer
+from modulart.migu.config import MIGUConfig
+from modulart.migu.expert_group import ExpertGroup
+from modulart.migu.expert_stats import ExpertHistory, ExpertStats
+from modulart.migu.state import history_state, load_history_state
+from modulart.migu.stats import LayerStats, MaskHistory, UnitStats, random_mask, select_mask
+from modulart.migu.targets import Target
+
+if TYPE_CHECKING:
+    from modulart.migu.operator import MIGUPlan
+
+__all__ = ["MIGUHandle"]
+
+ForwardHook: TypeAlias = Callable[[nn.Module, tuple[object, ...], object], None]
+ForwardKwargsHook: TypeAlias = Callable[[nn.Module, tuple[object, ...], dict[str, object], object], None]
+_TASKS_DONE = "tasks_done"
+_GENERATOR = "generator"
+
+
+class _Layer:
+    def __init__(self, target: Target, config: MIGUConfig) -> None:
+        self.target = target
+        self.acc = UnitStats(target.units, config.stat)
+        self.history = MaskHistory(target.units, config.keep_ratio)
+
+
+class MIGUHandle(Handle[MIGUConfig]):
+    """A live MIGU application: statistics hooks, the step-boundary mask, overlap reports.
+
+    The operator-wide verbs of every handle keep their one meaning here:
+
+    - :meth:`disable` / :meth:`enable` / :meth:`disabled`: no statistics are recorded and nothing
+      is masked while disabled (the optimizer steps as without MIGU); the statistics of a running
+      step are dropped at the switch, so a step never mixes the two;
+    - :meth:`merge_`: MIGU never changes the forward, only which updates reach the weights, so
+      merging is function-preserving by construction: the hooks go, the weights are what
+      training made them, and the model is returned;
+    - :meth:`state_dict`: the task counter, every layer's mask history (so ``stats()`` after
+      :func:`modulart.load` equals ``stats()`` at save time, ``task_jaccard`` included) and the
+      random control's generator. Not carried: the statistics of a step in progress (save
+      between steps), the token mask, the enabled state and the optimizer (call :meth:`attach`
+      again after loading).
+
+    Attributes:
+        layers: gated linear layers by path; expert_groups: fused experts modules by path.
+        masker / expert_masker: the gradient maskers (None until :meth:`attach`).
+        optimizer: the unwrapped optimizer (None until :meth:`attach`).
+    """
+
+    def __init__(self, model: nn.Module, operator: AnyOperator, config: MIGUConfig, plan: MIGUPlan) -> None:
+        super().__init__(model, operator, config, plan)
+        self.layers: dict[str, _Layer] = {t.path: _Layer(t, config) for t in plan.targets_found}
+        self.expert_groups: dict[str, ExpertGroup] = {
+            fe.path: ExpertGroup(fe, config.stat, config.keep_ratio) for fe in plan.experts
+        }
+        self.masker: GradientMasker | None = None
+        self.expert_masker: GradientMasker | None = None
+        self.optimizer: torch.optim.Optimizer | None = None
+        self._decided = False
+        self._tasks_done = 0
+        self._token_mask: torch.Tensor | None = None
+        self._generator = torch.Generator().manual_seed(config.seed)
+
+    @property
+    def tasks_done(self) -> int:
+        """How many :meth:`task_boundary` calls closed a task (restored by :func:`modulart.load`)."""
+        return self._tasks_done
+
+    # --- wiring -------------------------------------------------------------------------------
+    def attach(self, optimizer: OptimizerLike) -> None:
+        """Mask right before every ``optimizer.step()`` (and freeze masked units, if configured).
+
+        ``optimizer`` may be wrapped (accelerate's ``AcceleratedOptimizer``: ``.optimizer``).
+
+        Raises:
+            UnsupportedOperationError: the handle was removed or already has an optimizer.
+            InvalidArgumentError: ``optimizer`` holds no ``torch.optim.Optimizer``.
+        """
+        self._check_live()
+        if self.optimizer is not None:
+            raise UnsupportedOperationError("this MIGU handle already has an optimizer")
+        opt = unwrap_optimizer(optimizer)
+        freeze = self.config.freeze_masked_rows
+        with self.registry.atomic():
+            self.registry.optimizer_step_pre(opt, self._pre_step, priority=Priority.INTERVENE - 1, name="migu/decide")
+            self.masker = GradientMasker(self.model, opt, freeze=freeze, registry=self.registry.scope("mask"))
+            if self.expert_groups:
+                scope = self.registry.scope("expert-mask")
+                self.expert_masker = GradientMasker(self.model, opt, freeze=freeze, registry=scope)
+            self.registry.optimizer_step_post(opt, self._post_step, priority=Priority.RECORD, name="migu/reset")
+        self.optimizer = opt
+        self._sync_hooks()  # attached while disabled: the new hooks stay off until enable()
+
+    def install_hooks(self) -> None:
+        """Install the statistics hooks of every layer and experts module (called by ``MIGU.install``)."""
+        for layer in self.layers.values():
+            self.registry.forward(layer.target.module, self._record(layer), priority=Priority.RECORD)
+        for group in self.expert_groups.values():
+            hook = self._record_experts(group)
+            self.registry.forward(group.experts.module, hook, priority=Priority.RECORD, with_kwargs=True)
+
+    def _record(self, layer: _Layer) -> ForwardHook:
+        t = layer.target
+
+        def hook(module: nn.Module, args: tuple[object, ...], output: object) -> None:
+            if not torch.is_grad_enabled():
+                return
+            if t.from_input:  # routers: the logits x @ W.T + b, whatever the forward returns
+                x = args[0] if args else None
+                if not isinstance(x, torch.Tensor):
+                    raise UnsupportedModuleError(f"MIGU: router {t.path!r} was called without a tensor input")
+                with torch.no_grad():
+                    out = F.linear(x.detach().to(t.weight.dtype), t.weight, t.bias)
+                mask = self._token_mask
+                if mask is not None and mask.numel() == out[..., 0].numel():
+                    mask = mask.reshape(out.shape[:-1])
+                layer.acc.record(out, mask, path=t.path)
+                return
+            out_t = output[0] if isinstance(output, tuple) else output
+            if not isinstance(out_t, torch.Tensor):
+                raise UnsupportedModuleError(f"MIGU: {t.path!r} returned a {type(out_t).__name__}, not a tensor")
+            layer.acc.record(out_t, self._token_mask, path=t.path)
+
+        return hook
+
+    def _record_experts(self, group: ExpertGroup) -> ForwardKwargsHook:
+        def hook(module: nn.Module, args: tuple[object, ...], kwargs: dict[str, object], output: object) -> None:
+            if torch.is_grad_enabled():
+                group.record(args, kwargs, self._token_mask)
+
+        return hook
+
+    # --- the step boundary --------------------------------------------------------------------
+    def _all_reduce(self) -> None:
+        """Average every layer's statistics across DDP ranks in one flat fp32 buffer."""
+        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            return
+        accs: list[UnitStats | ExpertStats] = [layer.acc for layer in self.layers.values()]
+        accs += [a for g in self.expert_groups.values() for a in g.accumulators()]
+        first = next(iter(self.layers.values()), None)
+        device = first.target.weight.device if first else next(iter(self.expert_groups.values())).experts.down.device
+        chunks = [acc.to_flat(device) for acc in accs]
+        flat = torch.cat(chunks)
+        torch.distributed.all_reduce(flat)
+        flat /= torch.distributed.get_world_size()
+        start = 0
+        for acc, chunk in zip(accs, chunks, strict=True):
+            acc.load_flat(flat[start : start + chunk.numel()], device)
+            start += chunk.numel()
+
+    def _decide(self, masker: GradientMasker) -> None:
+        if self._decided:
+            return
+        self._decided = True
+        self._all_reduce()
+        cfg = self.config
+        masking = not (cfg.skip_first_task and self._tasks_done == 0)
+        for layer in self.layers.values():
+            t = layer.target
+            if not layer.acc.seen:
+                layer.history.push(None)
+                masker.clear(t.weight)
+                continue
+            if cfg.control == "random":
+                keep = random_mask(t.units, cfg.keep_ratio, self._generator, t.weight.device)
+            else:
+                keep = select_mask(layer.acc.score(), cfg.keep_ratio, cfg.select)
+            layer.history.push(keep)
+            if masking:
+                masker.set(t.weight, keep, axis=t.axis, bias=t.bias if cfg.mask_bias else None)
+            else:
+                masker.clear(t.weight)
+        if self.expert_masker is not None:
+            for group in self.expert_groups.values():
+                self._decide_experts(self.expert_masker, group, masking)
+
+    def _decide_experts(self, masker: GradientMasker, group: ExpertGroup, masking: bool) -> None:
+        for p in group.experts.params():
+            masker.clear(p)
+        random = self.config.control == "random"
+        for param, keep, axis, bias in group.decide(self.config.select, random=random, generator=self._generator):
+            if masking:
+                masker.set(param, keep, axis=axis, bias=bias if self.config.mask_bias else None)
+
+    def _require_masker(self) -> GradientMasker:
+        if self.masker is None:
+            raise UnsupportedOperationError("MIGU has no optimizer: pass optimizer= to apply() or call attach()")
+        return self.masker
+
+    def _pre_step(self, opt: torch.optim.Optimizer, args: object, kwargs: object) -> None:
+        self._decide(self._require_masker())
+
+    def _post_step(self, opt: torch.optim.Optimizer, args: object, kwargs: object) -> None:
+        self._reset_step()
+
+    def _reset_step(self) -> None:
+        """Drop the running step's statistics and decision."""
+        for layer in self.layers.values():
+            layer.acc.reset()
+        for group in self.expert_groups.values():
+            group.reset()
+        self._decided = False
+
+    def _set_enabled(self, enabled: bool) -> None:
+        # the registry's hooks (statistics, decision, maskers) are switched by the base class; what
+        # is pending is dropped, so the first step after the switch is decided on its own forwards
+        self._reset_step()
+        for m in (self.masker, self.expert_masker):
+            if m is not None:
+                m.clear()
+                m._masked_this_step = False  # a mask_() right before disable() must not carry over
+                m._saved = []
+
+    # --- public controls ----------------------------------------------------------------------
+    def mask_(self) -> None:
+        """Decide this step's masks now and zero the masked gradients (call before clipping).
+
+        Does nothing while the handle is disabled.
+
+        Raises:
+            UnsupportedOperationError: no optimizer attached, or the handle was removed.
+        """
+        self._check_live()
+        masker = self._require_masker()
+        if not self.enabled:
+            return
+        self._decide(masker)
+        masker.mask_()
+        if self.expert_masker is not None:
+            self.expert_masker.mask_()
+
+    def set_token_mask(self, mask: torch.Tensor | None) -> None:
+        """``[batch, seq]`` mask (nonzero = real token) for the next forwards; None: every position votes."""
+        self._token_mask = None if mask is None else mask.detach()
+
+    def task_boundary(self) -> None:
+        """Close the current task: its most-kept units become an entry of ``stats().task_jaccard``."""
+        self._check_live()
+        for layer in self.layers.values():
+            layer.history.end_task()
+        for group in self.expert_groups.values():
+            group.end_task()
+        self._tasks_done += 1
+
+    def merge_(self) -> nn.Module:
+        """Finish MIGU: remove its hooks and return the model, whose function is unchanged.
+
+        MIGU never changes the forward (it only decides which units an optimizer step updates), so
+        this is function-preserving by construction: the weights are what training made them.
+        Read :meth:`stats` before merging if you need it (it stays readable afterwards).
+        """
+        self._check_live()
+        self.remove()
+        return self.model
+
+    def stats(self) -> dict[str, LayerStats]:
+        """Per layer: kept fraction of the last step, Jaccard with the previous step and with earlier tasks.
+
+        Fused experts report every expert projection as a layer: ``"<experts path>.<e>.<gate|up|down>"``.
+        """
+        out = {p: layer.history.report() for p, layer in self.layers.items()}
+        for group in self.expert_groups.values():
+            out.update(group.stats())
+        return out
+
+    def masks(self) -> dict[str, torch.Tensor]:
+        """The last step's bool ``[units]`` mask per layer that has one (True = updated)."""
+        out = {p: layer.history.last.clone() for p, layer in self.layers.items() if layer.history.last is not None}
+        for group in self.expert_groups.values():
+            out.update(group.masks())
+        return out
+
+    def scores(self) -> dict[str, torch.Tensor]:
+        """The statistic accumulated so far in the running step: fp32 ``[units]`` per layer that ran.
+
+        Read it between ``backward()`` and ``optimizer.step()`` (the step resets it).
+        """
+        out = {p: layer.acc.score().clone() for p, layer in self.layers.items() if layer.acc.seen}
+        for group in self.expert_groups.values():
+            out.update(group.scores())
+        return out
+
+    # --- state --------------------------------------------------------------------------------
+    def _histories(self) -> dict[str, MaskHistory | ExpertHistory]:
+        out: dict[str, MaskHistory | ExpertHistory] = {p: layer.history for p, layer in self.layers.items()}
+        for path, group in self.expert_groups.items():
+            out.update({f"{path}.{s.part.name}": s.history for s in group.parts})
+        return out
+
+    def state_dict(self) -> StateDict:
+        """The task counter (JSON), every layer's mask history and the random control's generator state.
+
+        Keys: ``"tasks_done"``, ``"generator"`` and ``"history/<layer>.<field>"`` (fused experts:
+        ``<layer>`` is ``"<experts path>.<gate|up|down>"``). The running step's statistics are
+        not included (save between optimizer steps).
+        """
+        state: StateDict = {_TASKS_DONE: self._tasks_done, _GENERATOR: self._generator.get_state()}
+        for path, history in self._histories().items():
+            state.update(history_state(history, f"history/{path}"))
+        return state
+
+    def load_state_dict(self, state: Mapping[str, StateValue]) -> None:
+        """Restore what :meth:`state_dict` returned (an empty state, as older artefacts hold, is accepted).
+
+        Raises:
+            IncompatibleArtifactError: a value of the wrong type or shape, or a key for a layer
+                this handle does not gate.
+        """
+        tasks = state.get(_TASKS_DONE, 0)
+        if not isinstance(tasks, int) or isinstance(tasks, bool) or tasks < 0:
+            raise IncompatibleArtifactError(f"MIGU state: tasks_done = {tasks!r} is not an int >= 0")
+        gen = state.get(_GENERATOR)
+        if gen is not None and not isinstance(gen, torch.Tensor):
+            raise IncompatibleArtifactError("MIGU state: generator must be a tensor (torch.Generator.get_state())")
+        histories = self._histories()
+        used = {_TASKS_DONE, _GENERATOR}
+        for path, history in histories.items():
+            used |= load_history_state(history, f"history/{path}", state)
+        unknown = sorted(set(state) - used)
+        if unknown:
+            raise IncompatibleArtifactError(
+                f"MIGU state has keys for layers this handle does not gate: {unknown[:5]}; "
+                f"gated: {sorted(histories)[:5]}"
+            )
+        self._tasks_done = tasks
+        if gen is not None:
+            self._generator.set_state(gen.to(torch.uint8))
+
+    def _teardown(self) -> None:
+        for m in (self.masker, self.expert_masker):
+            if m is not None:
+                m.remove()
+        self._token_mask = None
