@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -83,7 +84,8 @@ def test_save_load_round_trip_and_no_pickle(tmp_path: Path) -> None:
     art = io.load_artifact(tmp_path / "a")
     assert art.operator == "demo" and art.config == {"k": [1, 2]}
     assert torch.equal(art.tensors["x"], shared) and torch.equal(art.tensors["view"], shared[0])
-    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["modulart_config.json", "modulart_state.safetensors"]
+    names = sorted(p.name for p in (tmp_path / "a").iterdir())
+    assert names == [".modulart-output", "modulart_config.json", "modulart_state.safetensors"]
 
 
 def test_atomic_write_interrupted_leaves_old_artefact(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -202,3 +204,56 @@ def test_format_1_fingerprints_are_still_read(tmp_path: Path) -> None:
     io.load_artifact(tmp_path / "a").check_fingerprint(model)  # names, dtypes and shapes agree
     with pytest.raises(mt.IncompatibleArtifactError, match="shape differ"):
         io.load_artifact(tmp_path / "a").check_fingerprint(torch.nn.Linear(2, 4))
+
+
+def test_save_never_replaces_a_folder_modulart_did_not_write(tmp_path: Path) -> None:
+    """``save`` used to rename any existing folder away and delete it: a user's files were lost."""
+    user = tmp_path / "ckpt"
+    user.mkdir()
+    (user / "model.safetensors").write_bytes(b"user weights")
+    with pytest.raises(mt.UnsafePathError, match=r"did not write.*model\.safetensors"):
+        io.save_artifact(user, operator="demo", config={}, tensors={"x": torch.ones(1)})
+    assert (user / "model.safetensors").read_bytes() == b"user weights"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]  # no temp folder left either
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(mt.UnsafePathError, match="not a directory"):
+        io.save_artifact(tmp_path / "file", operator="demo", config={}, tensors={})
+    assert (tmp_path / "file").read_text() == "x"
+
+
+def test_save_replaces_its_own_artefact_and_legacy_artefacts(tmp_path: Path) -> None:
+    io.save_artifact(tmp_path / "a", operator="demo", config={"v": 1}, tensors={})
+    io.save_artifact(tmp_path / "a", operator="demo", config={"v": 2}, tensors={})
+    assert io.load_artifact(tmp_path / "a").config == {"v": 2}
+    (tmp_path / "a" / io.OUTPUT_MARKER).unlink()  # written by modulart 0.1: recognised by its config
+    io.save_artifact(tmp_path / "a", operator="demo", config={"v": 3}, tensors={})
+    assert io.load_artifact(tmp_path / "a").config == {"v": 3}
+    (tmp_path / "empty").mkdir()
+    io.save_artifact(tmp_path / "empty", operator="demo", config={}, tensors={})
+
+
+def test_output_equal_to_inside_or_containing_an_input_is_refused(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "model.safetensors").write_bytes(b"w")
+    for out in (tmp_path, src, src / "model.safetensors"):
+        with (
+            pytest.raises(mt.UnsafePathError, match="is the input"),
+            io.atomic_directory(out, sources=[src / "model.safetensors"]),
+        ):
+            raise AssertionError("must not be reached")
+    assert (src / "model.safetensors").read_bytes() == b"w"
+
+
+def test_temp_folders_of_killed_writes_are_cleaned_and_folders_honour_the_umask(tmp_path: Path) -> None:
+    dead = tmp_path / ".a.tmp-999999999-deadbeef"  # a pid that cannot exist: the writer was killed
+    dead.mkdir()
+    alive = tmp_path / f".a.tmp-{os.getpid()}-cafebabe"  # a write still running in this process
+    alive.mkdir()
+    old = os.umask(0o022)
+    try:
+        io.save_artifact(tmp_path / "a", operator="demo", config={}, tensors={})
+    finally:
+        os.umask(old)
+    assert not dead.exists() and alive.exists()
+    assert (tmp_path / "a").stat().st_mode & 0o777 == 0o755

@@ -220,3 +220,29 @@ def test_apply_rejects_foreign_config_type() -> None:
 
     with pytest.raises(mt.ConfigError, match="expects a GainConfig"):
         Gain.apply(build("plain").model, OtherConfig())
+
+
+def test_an_operator_name_from_a_file_never_selects_what_is_imported(tmp_path: Path) -> None:
+    """``"operator": "__main__"`` used to import (and run) ``modulart.__main__`` inside the loader."""
+    import subprocess
+    import sys
+
+    from modulart.core import io
+
+    for name in ("__main__", "cli", "tour", "core.io", "os"):
+        io.save_artifact(tmp_path / name, operator=name, config={}, tensors={})
+    code = (
+        "import sys, modulart as mt, torch\n"
+        f"for name in ('__main__', 'cli', 'tour', 'core.io', 'os'):\n"
+        f"    try:\n"
+        f"        mt.load(torch.nn.Linear(2, 2), {str(tmp_path)!r} + '/' + name)\n"
+        f"    except mt.OperatorNotFoundError:\n"
+        f"        pass\n"
+        f"    else:\n"
+        f"        raise SystemExit('loaded ' + name)\n"
+        "bad = [m for m in ('modulart.__main__', 'modulart.cli', 'modulart.tour') if m in sys.modules]\n"
+        "print('IMPORTED', bad)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "IMPORTED []" in proc.stdout

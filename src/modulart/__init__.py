@@ -38,6 +38,7 @@ if TYPE_CHECKING:
         OperatorNotFoundError,
         SelectorError,
         ShapeError,
+        UnsafePathError,
         UnsupportedModuleError,
         UnsupportedOperationError,
     )
@@ -107,6 +108,7 @@ _EXPORTS: dict[str, str] = {
     "CompositionError": "modulart.core.errors",
     "OperatorExistsError": "modulart.core.errors",
     "ShapeError": "modulart.core.errors",
+    "UnsafePathError": "modulart.core.errors",
     "IncompatibleArtifactError": "modulart.core.errors",
     "HookError": "modulart.core.errors",
     "HooksNotFiredError": "modulart.core.errors",
@@ -140,6 +142,7 @@ __all__ = [
     "Selector",
     "SelectorError",
     "ShapeError",
+    "UnsafePathError",
     "UnsupportedModuleError",
     "UnsupportedOperationError",
     "__version__",

@@ -28,6 +28,7 @@ __all__ = [
     "OutOfRangeError",
     "SelectorError",
     "ShapeError",
+    "UnsafePathError",
     "UnsupportedModuleError",
     "UnsupportedOperationError",
 ]
@@ -102,3 +103,7 @@ class OperatorExistsError(ModulartError, ValueError):
 
 class CompositionError(UnsupportedOperationError):
     """Two operators cannot share a module this way; the message names the operator already there."""
+
+
+class UnsafePathError(ModulartError, ValueError):
+    """Writing there could destroy files modulart did not write (or the input being read)."""

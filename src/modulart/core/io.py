@@ -30,9 +30,8 @@ import contextlib
 import json
 import os
 import shutil
-import tempfile
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,12 +41,13 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from modulart._version import __version__
-from modulart.core.errors import IncompatibleArtifactError
+from modulart.core.errors import IncompatibleArtifactError, UnsafePathError
 from modulart.core.fingerprint import Fingerprint, TensorPrint, fingerprint
 from modulart.core.types import JSONValue, StateDict
 
 __all__ = [
     "CONFIG_NAME",
+    "OUTPUT_MARKER",
     "STATE_NAME",
     "Artifact",
     "Fingerprint",
@@ -67,21 +67,91 @@ FORMAT_VERSION = 2  # 2: sampled fingerprints, JSON handle state
 
 
 # --- atomic directories -------------------------------------------------------------------------
+OUTPUT_MARKER = ".modulart-output"
+_STALE_KINDS = ("tmp", "old")
+
+
+def _written_by_modulart(path: Path) -> bool:
+    """Whether ``path`` is a folder modulart wrote: it has the output marker, or is an artefact."""
+    if (path / OUTPUT_MARKER).is_file():
+        return True
+    cfg = path / CONFIG_NAME
+    if not cfg.is_file():
+        return False
+    try:
+        meta = json.loads(cfg.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(meta, dict) and meta.get("format") == FORMAT
+
+
+def _related(a: Path, b: Path) -> bool:
+    return a == b or a in b.parents or b in a.parents
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _remove_stale(parent: Path, name: str) -> None:
+    """Delete temp / backup siblings of ``name`` left by writes whose process is gone."""
+    for kind in _STALE_KINDS:
+        for stale in parent.glob(f".{name}.{kind}-*"):
+            try:
+                pid = int(stale.name.rsplit("-", 2)[-2])
+            except (ValueError, IndexError):
+                continue
+            if stale.is_dir() and not _pid_alive(pid):
+                shutil.rmtree(stale, ignore_errors=True)
+
+
 @contextlib.contextmanager
-def atomic_directory(target: str | os.PathLike[str]) -> Iterator[Path]:
+def atomic_directory(
+    target: str | os.PathLike[str], *, sources: Sequence[str | os.PathLike[str]] = ()
+) -> Iterator[Path]:
     """Yield a temporary directory that replaces ``target`` only if the block completes.
 
-    On any exception (including ``KeyboardInterrupt``) the temporary directory is deleted and an
-    existing ``target`` is left exactly as it was.
+    Safe for the user's files:
+
+    - ``target`` may be new, empty, or a folder modulart wrote (it carries the
+      :data:`OUTPUT_MARKER` file, or is an artefact); anything else is refused with
+      :class:`~modulart.core.errors.UnsafePathError` before anything is written;
+    - a ``target`` equal to, inside or containing one of ``sources`` (the inputs being read) is
+      refused the same way;
+    - on any exception (including ``KeyboardInterrupt``) the temporary directory is deleted and an
+      existing ``target`` is left exactly as it was; temporary folders of writes killed outright are
+      removed by the next write to the same target;
+    - new folders honour the umask.
     """
     target = Path(target)
+    resolved = target.resolve()
+    for src in sources:
+        if _related(resolved, Path(src).resolve()):
+            raise UnsafePathError(
+                f"output {str(target)!r} is the input {str(src)!r}, inside it, or contains it: choose another folder"
+            )
+    if target.exists() and not target.is_dir():
+        raise UnsafePathError(f"{target} exists and is not a directory: modulart will not replace it")
+    if target.is_dir() and any(target.iterdir()) and not _written_by_modulart(target):
+        shown = sorted(p.name for p in target.iterdir())[:5]
+        raise UnsafePathError(
+            f"{target} holds files modulart did not write ({shown}); it would be replaced whole: "
+            "choose a new or empty folder, or delete it yourself"
+        )
     parent = target.parent
     parent.mkdir(parents=True, exist_ok=True)
-    if target.exists() and not target.is_dir():
-        raise IncompatibleArtifactError(f"{target} exists and is not a directory")
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=parent))
+    _remove_stale(parent, target.name)
+    tmp = parent / f".{target.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()  # mode 0o777 & ~umask, unlike mkdtemp's 0o700
     try:
         yield tmp
+        (tmp / OUTPUT_MARKER).write_text("written by modulart; the folder may be replaced by modulart\n")
         for f in tmp.rglob("*"):
             if f.is_file():
                 with f.open("rb") as fh:
@@ -90,7 +160,7 @@ def atomic_directory(target: str | os.PathLike[str]) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     if target.exists():
-        backup = parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
+        backup = parent / f".{target.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         target.rename(backup)
         try:
             tmp.rename(target)

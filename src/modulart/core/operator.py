@@ -100,6 +100,7 @@ from modulart.core.types import OptimizerLike, StateDict, StateValue
 from modulart.core.unwrap import unwrap_model
 
 __all__ = [
+    "BUILTIN_OPERATORS",
     "ENTRY_POINT_GROUP",
     "Handle",
     "Operator",
@@ -624,25 +625,31 @@ def available_operators() -> list[str]:
     return sorted(_OPERATORS)
 
 
+# The built-in operators and the module that registers each: a fixed table, so a name read from a
+# file never selects what gets imported.
+BUILTIN_OPERATORS: dict[str, str] = {
+    "emoe": "modulart.emoe",
+    "kv": "modulart.kv",
+    "migu": "modulart.migu",
+    "patcher": "modulart.patcher",
+}
+
+
 def _load_builtins() -> None:
-    """Import every operator subpackage of modulart (each registers its operator on import)."""
+    """Import every built-in operator package (each registers its operator on import)."""
     import importlib
-    import pkgutil
 
-    import modulart
-
-    for info in pkgutil.iter_modules(modulart.__path__):
-        if info.ispkg and info.name != "core":
-            importlib.import_module(f"modulart.{info.name}")
+    for module in BUILTIN_OPERATORS.values():
+        importlib.import_module(module)
 
 
 def _load_builtin(name: str) -> None:
-    """Import ``modulart.<name>`` if it is a built-in subpackage (it registers its operator)."""
+    """Import the package of the built-in operator ``name``, if it is one (nothing else is imported)."""
     import importlib
-    import importlib.util
 
-    if name.isidentifier() and importlib.util.find_spec(f"modulart.{name}") is not None:
-        importlib.import_module(f"modulart.{name}")
+    module = BUILTIN_OPERATORS.get(name)
+    if module is not None:
+        importlib.import_module(module)
 
 
 # --- the two entry points -----------------------------------------------------------------------

@@ -303,7 +303,7 @@ def grow_checkpoint(
     files = (
         ["model.safetensors"] if n_sh == 1 else [f"model-{k + 1:05d}-of-{n_sh:05d}.safetensors" for k in range(n_sh)]
     )
-    with atomic_directory(dst_p) as tmp:
+    with atomic_directory(dst_p, sources=source.files) as tmp:
         weight_map: dict[str, str] = {}
         for fname, shard in zip(files, shards, strict=True):
             entries = [(o.name, *source.names[o.source][:2], source.nbytes(o.source)) for o in shard]
