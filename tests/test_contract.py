@@ -217,8 +217,7 @@ def test_every_pair_composes_or_refuses_and_removes_in_any_order(family: str) ->
             after_a, snap_a = _output(fam), _snapshot(fam.model)
             try:
                 b = mt.apply(fam.model, _config(second))
-            except mt.ModulartError as e:
-                assert isinstance(e, mt.ModulartError), e
+            except mt.ModulartError:  # a typed refusal is allowed, but it must leave no trace
                 _assert_same(fam.model, snap_a)
                 assert torch.equal(_output(fam), after_a), f"{second} refused after {first} but left a trace"
                 a.remove()
@@ -376,3 +375,24 @@ def test_wrapped_models_are_accepted() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         assert torch.equal(_output(fam), base)
+
+
+def test_a_subclass_reusing_the_config_does_not_take_over_apply() -> None:
+    import modulart.core.operator as op_mod
+
+    saved = dict(op_mod._OPERATORS), dict(op_mod._BY_CONFIG)
+    try:
+
+        class Louder(scale_operator.Gain):
+            name = "test-louder"  # same GainConfig: mt.apply(GainConfig) must still mean Gain
+
+        assert mt.get_operator("test-louder") is Louder
+        fam = build("plain")
+        handle = mt.apply(fam.model, scale_operator.GainConfig())
+        assert handle.operator is scale_operator.Gain
+        handle.remove()
+    finally:
+        op_mod._OPERATORS.clear()
+        op_mod._OPERATORS.update(saved[0])
+        op_mod._BY_CONFIG.clear()
+        op_mod._BY_CONFIG.update(saved[1])

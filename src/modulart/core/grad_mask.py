@@ -191,6 +191,11 @@ class GradientMasker:
             self._saved = []
         self._masked_this_step = False
 
+    def reset_step(self) -> None:
+        """Forget this step's bookkeeping (a ``mask_()`` already done, slices saved for ``freeze``)."""
+        self._masked_this_step = False
+        self._saved = []
+
     def remove(self) -> None:
         """Uninstall the optimizer hooks and forget the masks."""
         self.registry.remove()

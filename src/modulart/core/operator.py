@@ -559,7 +559,11 @@ def register_operator(cls: AnyOperator, name: str | None = None, *, override: bo
             f"choose another name or register with override=True"
         )
     _OPERATORS[key] = cls
-    if cls.config_class is not OperatorConfig:
+    owner = _BY_CONFIG.get(cls.config_class)
+    # a subclass that reuses its parent's config does not take over mt.apply for that config
+    if cls.config_class is not OperatorConfig and (
+        owner is None or override or owner is taken or _same_definition(owner, cls)
+    ):
         _BY_CONFIG[cls.config_class] = cls
     return cls
 

@@ -236,8 +236,7 @@ class MIGUHandle(Handle[MIGUConfig]):
         for m in (self.masker, self.expert_masker):
             if m is not None:
                 m.clear()
-                m._masked_this_step = False  # a mask_() right before disable() must not carry over
-                m._saved = []
+                m.reset_step()  # a mask_() right before disable() must not carry over
 
     # --- public controls ----------------------------------------------------------------------
     def mask_(self) -> None:
