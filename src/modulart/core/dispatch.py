@@ -6,6 +6,19 @@ their firings, threads replaced values from one to the next, and removes its tor
 last callback is gone. Dispatchers are shared by all registries, so priorities hold across
 operators.
 
+Two execution contexts need care (see ``docs/execution.md``):
+
+- **torch.compile.** Dynamo does not guard on *empty* module hook dicts
+  (``torch._dynamo.config.skip_nnmodule_hook_guards``, on by default), so a torch hook added to a
+  module that had none, after compiled code for it exists, is silently skipped by that code.
+  :func:`note_new_module_hook` is called whenever modulart adds the first hook of a kind to a
+  module; if dynamo holds compiled code (frames since its last reset), it resets the compile caches
+  (the next compiled call recompiles *with* the hooks) and warns
+  :class:`~modulart.core.errors.CompiledHooksWarning`.
+- **threads.** A callback can be bound to the thread that installed it (``HookHandle.thread``):
+  it then fires only for forwards run by that thread, so per-call recorders (``mt.capture``) never
+  see another thread's tensors.
+
 Example:
     >>> import torch
     >>> from modulart.core.dispatch import Priority
@@ -19,7 +32,9 @@ import bisect
 import contextlib
 import enum
 import itertools
+import sys
 import threading
+import warnings
 import weakref
 from typing import TYPE_CHECKING, Any, Literal, TypeAlias, cast, get_args
 
@@ -27,7 +42,7 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from modulart.core.errors import HookError
+from modulart.core.errors import CompiledHooksWarning, HookError
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
@@ -41,9 +56,12 @@ __all__ = [
     "HookHandle",
     "HookKind",
     "Priority",
+    "compiled_code_exists",
     "dispatcher_for",
     "has_module_dispatchers",
+    "has_torch_hooks",
     "move_module_dispatchers",
+    "note_new_module_hook",
     "suspended",
 ]
 
@@ -106,6 +124,8 @@ class HookHandle:
         priority: ordering key on the target (lower first).
         fired: how many times the callback ran since the last reset.
         enabled: a disabled callback is skipped (and not counted).
+        thread: ``threading.get_ident()`` of the only thread whose forwards run the callback
+            (``None``: every thread).
     """
 
     __slots__ = (
@@ -120,6 +140,7 @@ class HookHandle:
         "priority",
         "scope",
         "seq",
+        "thread",
         "with_kwargs",
     )
 
@@ -133,6 +154,7 @@ class HookHandle:
         fn: Callable[..., Any],
         with_kwargs: bool,
         registry: HookRegistry,
+        thread: int | None = None,
     ) -> None:
         self.name = name
         self.kind = kind
@@ -143,6 +165,7 @@ class HookHandle:
         self.fired = 0
         self.enabled = True
         self.seq = next(_SEQ)
+        self.thread = thread
         self._registry: HookRegistry | None = registry
         self.scope = registry.name
         self._dispatcher: _Dispatcher | None = None
@@ -165,6 +188,11 @@ class HookHandle:
     def __repr__(self) -> str:
         state = "active" if self.active else "removed"
         return f"HookHandle({self.name!r}, priority={self.priority}, fired={self.fired}, {state})"
+
+
+def _runs_here(entry: HookHandle) -> bool:
+    """Whether ``entry`` runs now: enabled, and unbound or bound to the current thread."""
+    return entry.enabled and (entry.thread is None or entry.thread == threading.get_ident())
 
 
 class _Dispatcher:
@@ -197,9 +225,10 @@ class _Dispatcher:
         self.entries.insert(bisect.bisect_right(keys, (entry.priority, entry.seq)), entry)
         entry._dispatcher = self
 
-    def discard(self, entry: HookHandle) -> None:
-        with contextlib.suppress(ValueError):
-            self.entries.remove(entry)
+    def discard(self, entry: HookHandle | None) -> None:
+        if entry is not None:
+            with contextlib.suppress(ValueError):
+                self.entries.remove(entry)
         if not self.entries:
             self.torch_handle.remove()
             self._finalizer.detach()
@@ -215,7 +244,7 @@ class _Dispatcher:
         if _is_suspended():
             return output
         for e in tuple(self.entries):
-            if not e.enabled:
+            if not _runs_here(e):
                 continue
             e.fired += 1
             r = e.fn(module, args, kwargs, output) if e.with_kwargs else e.fn(module, args, output)
@@ -230,7 +259,7 @@ class _Dispatcher:
             return None
         changed = False
         for e in tuple(self.entries):
-            if not e.enabled:
+            if not _runs_here(e):
                 continue
             e.fired += 1
             if e.with_kwargs:
@@ -255,7 +284,7 @@ class _Dispatcher:
             return None
         changed = False
         for e in tuple(self.entries):
-            if not e.enabled:
+            if not _runs_here(e):
                 continue
             e.fired += 1
             r = e.fn(grad)
@@ -265,7 +294,7 @@ class _Dispatcher:
 
     def _run_post_acc(self, param: torch.Tensor) -> None:
         for e in tuple(self.entries):
-            if e.enabled:
+            if _runs_here(e):
                 e.fired += 1
                 e.fn(param)
 
@@ -274,7 +303,7 @@ class _Dispatcher:
     ) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
         changed = False
         for e in tuple(self.entries):
-            if not e.enabled:
+            if not _runs_here(e):
                 continue
             e.fired += 1
             r = e.fn(opt, args, kwargs)
@@ -285,7 +314,7 @@ class _Dispatcher:
 
     def _run_opt_post(self, opt: torch.optim.Optimizer, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         for e in tuple(self.entries):
-            if e.enabled:
+            if _runs_here(e):
                 e.fired += 1
                 e.fn(opt, args, kwargs)
 
@@ -301,6 +330,13 @@ def dispatcher_for(target: Any, kind: HookKind) -> _Dispatcher:
         d = _Dispatcher(target, kind)
         _DISPATCHERS[key] = d
     return d
+
+
+def drop_if_empty(target: Any, kind: HookKind) -> None:
+    """Remove the dispatcher on ``(target, kind)`` if it holds no callback (an interrupted install)."""
+    d = _DISPATCHERS.get((id(target), kind))
+    if d is not None and d.target_ref() is target and not d.entries:
+        d.discard(None)
 
 
 def _live(target: Any, kind: HookKind) -> _Dispatcher | None:
@@ -337,3 +373,66 @@ def move_module_dispatchers(old: nn.Module, new: nn.Module) -> int:
                 target.add(e)
             moved += len(entries)
     return moved
+
+
+# --- torch.compile: hooks added after compiled code exists ------------------------------------
+_HOOK_DICTS: dict[HookKind, str] = {"forward": "_forward_hooks", "forward_pre": "_forward_pre_hooks"}
+
+
+def has_torch_hooks(module: nn.Module, kind: HookKind) -> bool:
+    """Whether ``module`` has any torch hook of ``kind`` (``forward`` / ``forward_pre``), modulart's or not."""
+    return bool(getattr(module, _HOOK_DICTS[kind], None))
+
+
+def compiled_code_exists() -> bool:
+    """Whether dynamo has processed frames since its caches were last reset (never imports dynamo).
+
+    Example:
+        >>> import torch
+        >>> torch.compiler.reset()
+        >>> compiled_code_exists()
+        False
+    """
+    if "torch._dynamo" not in sys.modules:  # nothing was ever compiled: keep `import modulart` light
+        return False
+    from torch._dynamo import convert_frame
+
+    tracker = getattr(convert_frame, "input_codes", None)
+    seen = getattr(tracker, "seen", None)
+    if seen is None:  # another torch version: assume compiled code may exist
+        return True
+    return len(seen) > 0
+
+
+def note_new_module_hook(path: str, scope: str) -> bool:
+    """Make compiled code see the first hook of a kind just added to the module at ``path``.
+
+    Dynamo skips guards on empty module hook dicts, so code it compiled while ``path`` had no hooks
+    would keep running without them (outputs equal to the model without the operator, firing
+    counters at 0). If dynamo holds compiled code (it processed frames since its caches were last
+    reset), the caches are reset (``torch.compiler.reset()``: the next compiled call recompiles
+    with the hooks) and a :class:`CompiledHooksWarning` naming ``path`` and ``scope`` is issued.
+    Returns whether it reset.
+
+    Example:
+        >>> import torch
+        >>> torch.compiler.reset()
+        >>> note_new_module_hook("layers.0.mlp", "emoe")  # nothing compiled since: no reset
+        False
+    """
+    if not compiled_code_exists():
+        return False
+    import torch._dynamo
+
+    if not torch._dynamo.config.skip_nnmodule_hook_guards:  # dynamo guards on hooks itself
+        return False
+    torch.compiler.reset()
+    warnings.warn(
+        f"{scope}: hooks were added to {path!r} after torch.compile had compiled code; compiled code "
+        "skips hooks added to a module that had none when it was compiled, so modulart reset the "
+        "compile caches (torch.compiler.reset()) and the next compiled call recompiles with them. "
+        "Apply operators before torch.compile / model.compile() to avoid the recompilation.",
+        CompiledHooksWarning,
+        stacklevel=4,
+    )
+    return True

@@ -13,7 +13,11 @@ Example:
 from __future__ import annotations
 
 __all__ = [
+    "ArtifactNotFoundError",
+    "CompiledHooksBypassedError",
+    "CompiledHooksWarning",
     "CompositionError",
+    "ConcurrentUseError",
     "ConfigError",
     "ConvergenceError",
     "HookError",
@@ -23,11 +27,15 @@ __all__ = [
     "InvalidStateError",
     "KeyNotFoundError",
     "ModulartError",
+    "NonFiniteError",
     "OperatorExistsError",
     "OperatorNotFoundError",
     "OutOfRangeError",
+    "RankMismatchError",
     "SelectorError",
     "ShapeError",
+    "ShardedModelError",
+    "UnknownArtifactOperatorError",
     "UnsafePathError",
     "UnsupportedModuleError",
     "UnsupportedOperationError",
@@ -107,3 +115,35 @@ class CompositionError(UnsupportedOperationError):
 
 class UnsafePathError(ModulartError, ValueError):
     """Writing there could destroy files modulart did not write (or the input being read)."""
+
+
+class RankMismatchError(ModulartError, ValueError):
+    """The ranks of a distributed model were given different inputs to a step they must run together."""
+
+
+class NonFiniteError(ConvergenceError):
+    """A loss, gradient or weight is NaN or infinite where a finite value is needed; nothing was changed."""
+
+
+class ArtifactNotFoundError(IncompatibleArtifactError, FileNotFoundError):
+    """The file or folder an artefact, report or checkpoint should be read from does not exist."""
+
+
+class CompiledHooksBypassedError(HooksNotFiredError):
+    """Hooks did not fire because torch.compile'd code that predates them ran instead of the module."""
+
+
+class CompiledHooksWarning(UserWarning):
+    """Hooks were added to modules after torch.compile had compiled code; modulart reset the compile caches."""
+
+
+class ShardedModelError(UnsupportedModuleError):
+    """An operator was applied to an already sharded (FSDP2 / DTensor) model; apply it before sharding."""
+
+
+class UnknownArtifactOperatorError(OperatorNotFoundError, IncompatibleArtifactError):
+    """An artefact names an operator that is neither built in nor installed (it is never imported)."""
+
+
+class ConcurrentUseError(InvalidStateError):
+    """Two threads used state that belongs to one training loop at the same time (e.g. a MIGU step)."""

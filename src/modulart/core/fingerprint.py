@@ -42,6 +42,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from modulart.core.errors import InvalidArgumentError
+from modulart.core.ranks import whole
+
 __all__ = ["SAMPLE", "Fingerprint", "TensorPrint", "canonical_tensors", "fingerprint"]
 
 SAMPLE = 16
@@ -216,8 +219,8 @@ def _lora_delta(layer: nn.Module, index: tuple[torch.Tensor, ...]) -> torch.Tens
     for name in active:
         if name not in lora_a:
             continue
-        a = lora_a[name].weight  # [r, in]
-        b = lora_b[name].weight  # [out, r]
+        a = whole(lora_a[name].weight.detach())  # [r, in]
+        b = whole(lora_b[name].weight.detach())  # [out, r]
         scale = float(scaling[name])
         d = (b[rows.to(b.device)].float() * a[:, cols.to(a.device)].t().float()).sum(-1) * scale
         total = d if total is None else total + d
@@ -228,6 +231,7 @@ def _sample(name: str, tensor: torch.Tensor, lora: nn.Module | None, count: int)
     t = tensor.detach()
     if t.numel() == 0 or t.is_meta:
         return ()
+    t = whole(t)
     shape = tuple(t.shape)
     index = _positions(name, shape, count)
     with torch.no_grad():
@@ -253,8 +257,10 @@ def fingerprint(model: nn.Module | Mapping[str, torch.Tensor], *, sample: int = 
     """
     if isinstance(model, nn.Module):
         items = list(canonical_tensors(model))
-    else:
+    elif isinstance(model, Mapping) and all(isinstance(t, torch.Tensor) for t in model.values()):
         items = [(name, t, None) for name, t in model.items()]
+    else:
+        raise InvalidArgumentError(f"fingerprint: expected an nn.Module or a state dict, got {type(model).__name__}")
     prints: dict[str, TensorPrint] = {}
     for name, tensor, lora in items:
         dtype = str(tensor.dtype).removeprefix("torch.")

@@ -62,18 +62,31 @@ def set_requires_grad(owner: object, params: Iterable[torch.Tensor], value: bool
             p.requires_grad_(bool(value))
 
 
+def _restore_flag(p: torch.Tensor, value: bool) -> None:
+    """Set one parameter's flag during a release (one resumable step of :func:`release_requires_grad`)."""
+    p.requires_grad_(value)
+
+
 def release_requires_grad(owner: object) -> None:
-    """Drop every wish of ``owner``; each parameter shows the latest remaining wish or its original flag."""
+    """Drop every wish of ``owner``; each parameter shows the latest remaining wish or its original flag.
+
+    Resumable: a parameter is forgotten only after its flag is restored, so a release interrupted
+    part-way (an exception, ``KeyboardInterrupt``) restores the rest when called again.
+    """
     key = id(owner)
     with _LOCK:
-        for ref in _BY_OWNER.pop(key, []):
+        refs = _BY_OWNER.get(key)
+        while refs:
+            ref = refs[-1]
             p = ref()
             entry = None if p is None else _entry(p)
-            if p is None or entry is None:
-                continue
-            entry.wishes = [w for w in entry.wishes if w[0] != key]
-            if entry.wishes:
-                p.requires_grad_(entry.wishes[-1][1])
-            else:
-                p.requires_grad_(entry.original)
-                del _ENTRIES[p]
+            if p is not None and entry is not None:
+                remaining = [w for w in entry.wishes if w[0] != key]
+                if remaining:
+                    _restore_flag(p, remaining[-1][1])
+                    entry.wishes = remaining
+                elif any(w[0] == key for w in entry.wishes):
+                    _restore_flag(p, entry.original)
+                    del _ENTRIES[p]
+            refs.pop()
+        _BY_OWNER.pop(key, None)

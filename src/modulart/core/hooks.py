@@ -14,7 +14,11 @@ gives what plain hooks do not:
   rolls back on failure; :meth:`HookRegistry.atomic` does the same for any block of calls;
 - **firing counters**: every callback counts how often it ran, and
   :meth:`HookRegistry.assert_fired` turns "a fused kernel bypassed my module" into an error
-  instead of a silent no-op.
+  instead of a silent no-op;
+- **compiled code**: the first hook of a kind added to a module while torch.compile'd code exists
+  resets the compile caches (with a ``CompiledHooksWarning``), since dynamo would skip it;
+- **threads**: ``HookRegistry(model, bind_thread=True)`` runs its module callbacks only for the
+  creating thread's forwards (what :func:`capture` uses; see ``docs/execution.md``).
 
 Supported kinds: module ``forward`` and ``forward_pre`` (both optionally with kwargs), tensor
 gradient hooks (``tensor``), ``post_accumulate_grad`` on parameters, and optimizer
@@ -37,6 +41,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -52,9 +57,13 @@ from modulart.core.dispatch import (
     HookHandle,
     HookKind,
     Priority,
+    compiled_code_exists,
     dispatcher_for,
+    drop_if_empty,
+    has_torch_hooks,
+    note_new_module_hook,
 )
-from modulart.core.errors import HookError, HooksNotFiredError
+from modulart.core.errors import CompiledHooksBypassedError, HookError, HooksNotFiredError
 from modulart.core.sharing import check_claims
 
 __all__ = ["HookHandle", "HookKind", "HookRegistry", "HookSite", "HookSpec", "Priority", "capture"]
@@ -125,6 +134,11 @@ class HookRegistry:
         model: the model whose modules/parameters string paths resolve against (optional when
             every target is given as an object).
         name: scope name, used as a prefix of hook names.
+        bind_thread: module callbacks (``forward`` / ``forward_pre``, of this registry and its
+            child scopes) run only for forwards executed by the thread that created the registry;
+            forwards of other threads skip them and do not count. For per-call recorders such as
+            :func:`capture`. (Gradient and optimizer callbacks are never bound: autograd may run
+            them on its own threads.)
 
     Example:
         >>> import torch
@@ -139,11 +153,17 @@ class HookRegistry:
     """
 
     def __init__(
-        self, model: nn.Module | None = None, *, name: str = "modulart", parent: HookRegistry | None = None
+        self,
+        model: nn.Module | None = None,
+        *,
+        name: str = "modulart",
+        parent: HookRegistry | None = None,
+        bind_thread: bool = False,
     ) -> None:
         self.model = model
         self.name = name
         self.parent = parent
+        self.thread: int | None = threading.get_ident() if bind_thread else None
         self._handles: list[HookHandle] = []
         self._children: list[HookRegistry] = []
         self._paths: dict[int, str] | None = None
@@ -163,6 +183,7 @@ class HookRegistry:
             i += 1
             full = f"{base}#{i}"
         child = HookRegistry(self.model, name=full, parent=self)
+        child.thread = self.thread
         self._children.append(child)
         return child
 
@@ -386,6 +407,13 @@ class HookRegistry:
         lazy = [h for h in check if h.fired < at_least]
         if lazy:
             lines = "\n".join(f"  - {h.scope}::{h.name} on {h.path!r}: fired {h.fired}x" for h in lazy)
+            if compiled_code_exists():
+                raise CompiledHooksBypassedError(
+                    f"{len(lazy)} hook(s) fired fewer than {at_least} time(s) while torch.compile'd code "
+                    f"exists:\n{lines}\nCompiled code that predates these hooks may have run instead of "
+                    "the modules: apply operators before torch.compile(model) / model.compile(), or call "
+                    "torch.compiler.reset() after adding hooks (see docs/execution.md)."
+                )
             raise HooksNotFiredError(
                 f"{len(lazy)} hook(s) fired fewer than {at_least} time(s):\n{lines}\n"
                 "The module may be bypassed by a fused kernel or never called on this input; "
@@ -412,15 +440,20 @@ class HookRegistry:
                     fn=spec.fn,
                     with_kwargs=spec.with_kwargs,
                     registry=self,
+                    thread=self.thread if spec.kind in MODULE_KINDS else None,
                 )
                 check_claims(self, obj)
+                first = spec.kind in MODULE_KINDS and not has_torch_hooks(obj, spec.kind)
                 dispatcher_for(obj, spec.kind).add(handle)
             except BaseException:
                 self._names.discard(name)
+                drop_if_empty(obj, spec.kind)  # an interrupt between creating the dispatcher and adding
                 raise
             self._handles.append(handle)
             if spec.kind in MODULE_KINDS:
                 rehome.watch(obj)
+                if first:  # compiled code skips hooks added to a hook-less module: make it recompile
+                    note_new_module_hook(path, self.name)
             return handle
 
     def _remember_home(self, module: nn.Module) -> None:
@@ -521,7 +554,8 @@ def capture(model: nn.Module, sites: Mapping[str, HookSite], run: Callable[[], o
 
     Recording hooks (:attr:`Priority.RECORD`, so they see what interventions made of the tensor)
     are installed for the call only and asserted to have fired. A site that fires several times
-    keeps its last value.
+    keeps its last value. The hooks are bound to the calling thread: forwards that other threads run
+    on the same model meanwhile are neither recorded nor counted.
 
     Example:
         >>> import torch
@@ -541,7 +575,7 @@ def capture(model: nn.Module, sites: Mapping[str, HookSite], run: Callable[[], o
 
         return store
 
-    with HookRegistry(model, name="capture") as reg:
+    with HookRegistry(model, name="capture", bind_thread=True) as reg:
         for key, site in sites.items():
             reg.at(site, keep(key), priority=Priority.RECORD)
         run()

@@ -69,6 +69,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import os
 import typing
@@ -86,8 +87,14 @@ from modulart.core.arch import TypeTable
 from modulart.core.errors import (
     ConfigError,
     IncompatibleArtifactError,
+    InvalidArgumentError,
+    KeyNotFoundError,
+    ModulartError,
     OperatorExistsError,
     OperatorNotFoundError,
+    OutOfRangeError,
+    ShapeError,
+    UnknownArtifactOperatorError,
     UnsupportedModuleError,
     UnsupportedOperationError,
 )
@@ -184,6 +191,8 @@ class OperatorConfig:
     @classmethod
     def from_dict(cls: type[C], data: Mapping[str, Any]) -> C:
         """Build from a dict; unknown keys are dropped with a warning; values are validated."""
+        if not isinstance(data, Mapping):
+            raise ConfigError(f"{cls.__name__}.from_dict: expected a mapping of field names, got {type(data).__name__}")
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - names)
         if unknown:
@@ -223,7 +232,11 @@ class OperatorConfig:
 
     @classmethod
     def from_json(cls: type[C], text: str) -> C:
-        return cls.from_dict(json.loads(text))
+        try:
+            data = json.loads(text)
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"{cls.__name__}.from_json: not valid JSON ({e})") from None
+        return cls.from_dict(data)
 
     def replace(self: C, **overrides: Any) -> C:
         """A validated copy with some fields changed; an unknown field raises :class:`ConfigError`."""
@@ -232,6 +245,12 @@ class OperatorConfig:
         if unknown:
             raise ConfigError(f"{type(self).__name__} has no field(s) {unknown}; fields: {sorted(names)}")
         return dataclasses.replace(self, **overrides)
+
+
+def _require_path(value: object, name: str) -> None:
+    """Raise :class:`InvalidArgumentError` unless ``value`` is a ``str`` or ``os.PathLike`` path."""
+    if not isinstance(value, (str, os.PathLike)):
+        raise InvalidArgumentError(f"{name}: expected a folder path (str or os.PathLike), got {type(value).__name__}")
 
 
 def _json_default(obj: Any) -> Any:
@@ -274,6 +293,17 @@ class Handle(Generic[C]):
         registry: the hook registry every hook of this handle lives in.
     """
 
+    #: ``True`` where every state tensor keeps the shape :meth:`state_dict` gives it now (the
+    #: generic check of :meth:`load_state_dict` then compares whole shapes, not only the trailing
+    #: dimensions); states that grow (patches, a task history) leave it ``False``.
+    fixed_state_shapes: ClassVar[bool] = False
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        own = cls.__dict__.get("load_state_dict")
+        if own is not None and not getattr(own, "_modulart_checked", False):
+            cls.load_state_dict = _checked_load(own)  # type: ignore[method-assign]
+
     def __init__(self, model: nn.Module, operator: AnyOperator, config: C, plan: Plan) -> None:
         self.model = model
         self.operator = operator
@@ -289,16 +319,36 @@ class Handle(Generic[C]):
         return self._removed
 
     def remove(self) -> None:
-        """Undo this operator's changes (hooks, flags, owned tensors); idempotent, any order."""
+        """Undo this operator's changes (hooks, flags, owned tensors); idempotent, any order.
+
+        Removal is a sequence of resumable steps (the operator's teardown, its hooks, its claims,
+        its ``requires_grad`` changes) whose progress is recorded: a ``remove()`` interrupted by an
+        exception or ``KeyboardInterrupt`` leaves :attr:`removed` false, and calling it again
+        finishes what is left. An ordinary exception in one step still runs the later ones before
+        it propagates; a ``KeyboardInterrupt`` (any non-``Exception``) stops at once.
+        """
         if self._removed:
             return
-        try:
-            self._teardown()
-        finally:
-            self.registry.remove()
-            release_claims(self.registry)
-            release_requires_grad(self)
-            self._removed = True
+        done: set[str] = self.__dict__.setdefault("_remove_done", set())
+        steps: tuple[tuple[str, Callable[[], None]], ...] = (
+            ("teardown", self._teardown),
+            ("hooks", self.registry.remove),
+            ("claims", lambda: release_claims(self.registry)),
+            ("flags", lambda: release_requires_grad(self)),
+        )
+        error: Exception | None = None
+        for name, step in steps:
+            if name in done:
+                continue
+            try:
+                step()
+            except Exception as exc:  # the later steps still run; retrying remove() redoes this one
+                error = error or exc
+                continue
+            done.add(name)
+        if error is not None:
+            raise error
+        self._removed = True
 
     def _teardown(self) -> None:
         """Undo what the operator did outside the hook registry and the flag ledger (override)."""
@@ -381,9 +431,16 @@ class Handle(Generic[C]):
         """The fingerprint of the model as it is now, without what modulart owns in it."""
         return fingerprint(self.model)
 
-    def save(self, directory: str | os.PathLike[str]) -> Path:
-        """Write config, state and the model's fingerprint to ``directory``, atomically."""
+    def save(self, directory: str | os.PathLike[str], *, overwrite: bool = False) -> Path:
+        """Write config, state and the model's fingerprint to ``directory``, atomically.
+
+        ``directory`` may be new, empty or an artefact (replaced atomically; files modulart did not
+        write there are kept). Any other non-empty folder raises
+        :class:`~modulart.core.errors.UnsafePathError` unless ``overwrite=True``, which replaces only
+        the artefact's own files and keeps every other file byte for byte.
+        """
         self._check_live()
+        _require_path(directory, f"{type(self).__name__}.save: directory")
         return save_artifact(
             directory,
             operator=self.operator.name,
@@ -392,6 +449,7 @@ class Handle(Generic[C]):
             fingerprint=self.fingerprint(),
             selector=self.plan.selector,
             resolved=self.plan.targets,
+            overwrite=overwrite,
         )
 
     @classmethod
@@ -400,7 +458,7 @@ class Handle(Generic[C]):
     ) -> H:
         """:func:`load`, refusing an artefact whose handle is not a ``cls``."""
         art = load_artifact(resolve_artifact(path_or_repo_id))
-        op = get_operator(art.operator)
+        op = _artifact_operator(art)
         if not issubclass(op.handle_class, cls):
             raise IncompatibleArtifactError(
                 f"artefact {art.path} belongs to operator {art.operator!r} "
@@ -415,6 +473,86 @@ class Handle(Generic[C]):
     def __repr__(self) -> str:
         state = "removed" if self._removed else f"{len(self.registry)} hooks" + ("" if self._enabled else ", disabled")
         return f"{type(self).__name__}({self.operator.name!r}, targets={len(self.plan.targets)}, {state})"
+
+
+_LOAD_ERRORS = (ShapeError, ConfigError, OutOfRangeError, KeyNotFoundError, ValueError, TypeError, LookupError)
+_STATE_ERRORS = (ValueError, TypeError, LookupError)
+
+
+def check_state(handle: Handle[Any], state: Any) -> None:
+    """Check a state for ``handle.load_state_dict`` against the handle's own :meth:`Handle.state_dict`.
+
+    Before anything changes: ``state`` must map strings to tensors or JSON values; an entry the
+    handle also has must be of the same kind (a tensor for a tensor), the same dtype, the same
+    number of dimensions and the same trailing dimensions (the whole shape where the handle's
+    ``fixed_state_shapes`` is set). Everything else (which keys, leading dimensions that grow) the
+    handle's own ``load_state_dict`` checks.
+
+    Raises:
+        IncompatibleArtifactError: naming the entry, what it is and what was expected.
+
+    Example:
+        >>> import torch, modulart as mt
+        >>> from modulart.core.operator import check_state
+        >>> model = torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.GELU(), torch.nn.Linear(16, 4))
+        >>> h = mt.kv.apply(model, target="values", mode="lora", rank=2)
+        >>> check_state(h, {"2.lora_A": torch.zeros(2, 16, dtype=torch.float16)})
+        Traceback (most recent call last):
+        ...
+        modulart.core.errors.IncompatibleArtifactError: KVHandle state entry '2.lora_A' is float16 ...
+        >>> h.remove()
+    """
+    what = f"{type(handle).__name__} state"
+    if not isinstance(state, Mapping):
+        raise IncompatibleArtifactError(
+            f"{what} must be a mapping of names to tensors / JSON values, got {type(state).__name__}"
+        )
+    bad = sorted(repr(k) for k in state if not isinstance(k, str))
+    if bad:
+        raise IncompatibleArtifactError(f"{what} has keys that are not strings: {bad[:5]}")
+    if not state:
+        return
+    own = handle.state_dict()
+    for key, value in state.items():
+        if not (value is None or isinstance(value, (torch.Tensor, bool, int, float, str, list, dict))):
+            raise IncompatibleArtifactError(
+                f"{what} entry {key!r} is a {type(value).__name__}, not a tensor or JSON value"
+            )
+        mine = own.get(key)
+        if not isinstance(mine, torch.Tensor) or value is None:
+            continue
+        if not isinstance(value, torch.Tensor):
+            raise IncompatibleArtifactError(
+                f"{what} entry {key!r} is a {type(value).__name__}, expected a {_describe(mine)} tensor"
+            )
+        shape_ok = (
+            tuple(value.shape) == tuple(mine.shape)
+            if handle.fixed_state_shapes
+            else value.dim() == mine.dim() and tuple(value.shape[1:]) == tuple(mine.shape[1:])
+        )
+        if value.dtype != mine.dtype or not shape_ok:
+            raise IncompatibleArtifactError(f"{what} entry {key!r} is {_describe(value)}, expected {_describe(mine)}")
+
+
+def _describe(t: torch.Tensor) -> str:
+    return f"{str(t.dtype).removeprefix('torch.')} {list(t.shape)}"
+
+
+def _checked_load(load: Any) -> Any:
+    """Wrap a handle class's ``load_state_dict``: :func:`check_state` first, typed errors after."""
+
+    @functools.wraps(load)
+    def load_state_dict(self: Handle[Any], state: Mapping[str, StateValue], *args: Any, **kwargs: Any) -> None:
+        check_state(self, state)
+        try:
+            load(self, state, *args, **kwargs)
+        except IncompatibleArtifactError:
+            raise
+        except _LOAD_ERRORS as e:  # a value that does not fit, found by the handle's own checks
+            raise IncompatibleArtifactError(f"{type(self).__name__} state does not fit: {e}") from e
+
+    load_state_dict._modulart_checked = True  # type: ignore[attr-defined]
+    return load_state_dict
 
 
 class Operator(Generic[C, P, H]):
@@ -453,8 +591,19 @@ class Operator(Generic[C, P, H]):
         if not isinstance(model, nn.Module):
             raise UnsupportedModuleError(f"{cls.__name__}.apply needs an nn.Module, got {type(model).__name__}")
         model = unwrap_model(model)
-        plan = cls.plan(model, cfg) if state is None else cls.plan_from_state(model, cfg, state)
-        handle = cast(H, cls.handle_class(model, cls, cfg, plan))
+        if state is None:
+            plan = cls.plan(model, cfg)
+            handle = cast(H, cls.handle_class(model, cls, cfg, plan))
+        else:
+            try:
+                plan = cls.plan_from_state(model, cfg, state)
+                handle = cast(H, cls.handle_class(model, cls, cfg, plan))
+            except (ShapeError, OutOfRangeError) as e:  # a saved value that does not fit (labels out of range)
+                raise IncompatibleArtifactError(f"{cls.__name__}: the saved state does not fit: {e}") from e
+            except ModulartError:
+                raise
+            except _STATE_ERRORS as e:
+                raise IncompatibleArtifactError(f"{cls.__name__}: the saved state does not fit: {e}") from e
         try:
             with handle.registry.atomic():
                 cls.install(handle, plan)
@@ -672,6 +821,14 @@ def apply(model: nn.Module, config: C, /, **overrides: Any) -> Handle[C]:
     return cast(Handle[C], op.apply(model, config, **overrides))
 
 
+def _artifact_operator(art: Artifact) -> AnyOperator:
+    """The registered operator an artefact names (looked up, never imported)."""
+    try:
+        return get_operator(art.operator)
+    except OperatorNotFoundError as e:
+        raise UnknownArtifactOperatorError(f"artefact {art.path}: {e}") from None
+
+
 def _load(model: nn.Module, art: Artifact, op: AnyOperator, check_fingerprint: bool) -> Handle[Any]:
     config = op.config_class.from_saved(art.config, written_by=art.library_version)
     target = unwrap_model(model)
@@ -710,6 +867,7 @@ def load(
         ('KVHandle', ['2.lora_A', '2.lora_B'])
         >>> again.remove()
     """
+    _require_path(path_or_repo_id, "mt.load: path_or_repo_id")
     local = resolve_artifact(path_or_repo_id, revision=revision, local_files_only=local_files_only, cache_dir=cache_dir)
     art = load_artifact(local)
-    return _load(model, art, get_operator(art.operator), check_fingerprint)
+    return _load(model, art, _artifact_operator(art), check_fingerprint)

@@ -102,11 +102,22 @@ def claim(registry: HookRegistry, module: nn.Module, reason: str) -> None:
 
 
 def release_claims(registry: HookRegistry) -> None:
-    """Drop every claim of ``registry`` (its operator's handle was removed)."""
+    """Drop every claim of ``registry`` (its operator's handle was removed).
+
+    Resumable: the claims still held are listed again on every call, so a release interrupted
+    part-way drops the rest when called again.
+    """
     root = _root(registry)
     with _LOCK:
         for m in [m for m, held in list(_CLAIMS.items()) if held[0] is root]:  # type: ignore[no-untyped-call]
-            del _CLAIMS[m]
+            _drop_claim(m)
+
+
+def _drop_claim(module: nn.Module) -> None:
+    """Forget one module's claim (one resumable step of :func:`release_claims`)."""
+    with _LOCK:
+        if module in _CLAIMS:
+            del _CLAIMS[module]
 
 
 def check_claims(registry: HookRegistry, target: object) -> None:

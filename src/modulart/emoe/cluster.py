@@ -343,7 +343,8 @@ def _cache_key(x32: torch.Tensor, k: int, *, seed: int, max_iter: int, normalize
     h = hashlib.blake2b(digest_size=20)
     n, d = x32.shape
     h.update(f"{ALGORITHM_VERSION}|n={n}|d={d}|k={k}|seed={seed}|max_iter={max_iter}|norm={int(normalize)}|".encode())
-    h.update(x32.detach().cpu().contiguous().numpy().data)
+    # a copy: a numpy view would pin the storage (FSDP2 must resize an unsharded weight's storage)
+    h.update(x32.detach().cpu().clone().contiguous().numpy().data)
     return h.hexdigest()
 
 

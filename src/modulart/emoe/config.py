@@ -14,6 +14,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 from modulart.core.operator import OperatorConfig, option
@@ -80,8 +81,13 @@ class EMoEConfig(OperatorConfig):
         self.require(self.executor in EXECUTORS, "executor", f"must be one of {EXECUTORS}")
         self.require(isinstance(self.every, int) and self.every >= 1, "every", "must be an int >= 1")
         self.require(isinstance(self.max_iter, int) and self.max_iter >= 1, "max_iter", "must be an int >= 1")
-        self.require(self.gate_noise >= 0, "gate_noise", "must be >= 0")
-        self.require(self.balance_loss_weight >= 0, "balance_loss_weight", "must be >= 0")
+        for name in ("gate_noise", "balance_loss_weight"):
+            v = getattr(self, name)
+            ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0
+            self.require(ok, name, "must be a finite number >= 0")
+        self.require(isinstance(self.seed, int) and not isinstance(self.seed, bool), "seed", "must be an int")
+        ok_start = self.start is None or (isinstance(self.start, int) and not isinstance(self.start, bool))
+        self.require(ok_start, "start", "must be None or an int (a layer index, negative from the end)")
         self.require(
             not (self.executor == "sparse" and self.router == "oracle"),
             "router",

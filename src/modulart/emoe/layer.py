@@ -30,6 +30,7 @@ Example:
 from __future__ import annotations
 
 import math
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -38,7 +39,9 @@ import torch.nn.functional as F
 from modulart.core.errors import HookError
 from modulart.core.ffn import FFN
 from modulart.core.hooks import HookRegistry, Priority
+from modulart.core.unwrap import active_ddp_wrapper
 from modulart.emoe.config import EMoEConfig
+from modulart.emoe.ranks import broadcast_from_first, is_dtensor, whole
 from modulart.emoe.routing import ExpertGroups, balance_loss, select_topk, selection_mask
 
 __all__ = ["ConvertedFFN", "RoutingStats"]
@@ -80,16 +83,38 @@ class ConvertedFFN:
         device = ffn.keys.device
         self.groups = ExpertGroups(labels.to(device), config.num_experts)
         self.frozen = (
-            centroids.to(device, torch.float32) if centroids is not None else self.groups.centroids(ffn.keys.detach())
+            centroids.to(device, torch.float32)
+            if centroids is not None
+            else self.groups.centroids(whole(ffn.keys.detach()))  # FSDP2: gathered once, here
         )
         self.generator = torch.Generator(device=device).manual_seed(config.seed)
         self.counts = torch.zeros(config.num_experts, dtype=torch.long)
         self.tokens = 0
         self.previous_load: torch.Tensor | None = None
         self.last_balance_loss: torch.Tensor | None = None
-        self._q: torch.Tensor | None = None
-        self._pending: torch.Tensor | None = None
+        self._local = threading.local()  # _q / _pending: in-flight state of each thread's forward
         self._weight_cache: tuple[tuple[object, ...], list[tuple[torch.Tensor, ...]]] | None = None
+        self.ranks_agree = False  # set once the split is the first rank's (see agree_with_ddp)
+
+    @property
+    def _q(self) -> torch.Tensor | None:
+        """The FFN input of the forward this thread runs (masked executor; per thread)."""
+        q: torch.Tensor | None = getattr(self._local, "q", None)
+        return q
+
+    @_q.setter
+    def _q(self, value: torch.Tensor | None) -> None:
+        self._local.q = value
+
+    @property
+    def _pending(self) -> torch.Tensor | None:
+        """The sparse output of the forward this thread runs (sparse executor; per thread)."""
+        out: torch.Tensor | None = getattr(self._local, "pending", None)
+        return out
+
+    @_pending.setter
+    def _pending(self, value: torch.Tensor | None) -> None:
+        self._local.pending = value
 
     def set_split(self, labels: torch.Tensor, centroids: torch.Tensor) -> None:
         """Replace the neuron -> expert labels and the frozen centroids (what a saved state restores)."""
@@ -112,14 +137,41 @@ class ConvertedFFN:
         if router == "frozen":
             return qf @ self.frozen.t()
         keys = self.ffn.keys if self.config.balance_loss_weight > 0 else self.ffn.keys.detach()
+        self._check_whole(keys)
         g = self.groups.centroids(keys)
         if router == "cosine":
             return F.normalize(qf, dim=-1) @ F.normalize(g, dim=-1).t()
         s = qf @ g.t()
         return -s if router == "bottomk" else s
 
+    def _check_whole(self, weight: torch.Tensor | None) -> None:
+        if is_dtensor(weight):
+            raise HookError(
+                f"{self.ffn.path}: the FFN's weights are FSDP2 shards during its forward (a layer inside the FFN "
+                "is a fully_shard unit of its own); fully_shard the FFN or the block holding it as one unit"
+            )
+
+    def agree_with_ddp(self) -> None:
+        """Inside a ``DistributedDataParallel`` forward: take the first rank's split, once.
+
+        EMoE applied before the model was wrapped in DDP cannot see the wrapper, and every rank
+        clustered its own keys; at the first forward under DDP (which all ranks run together) the
+        labels and centroids of the first rank of DDP's group are broadcast. No collective outside
+        a DDP forward, and none after the first.
+        """
+        ddp = active_ddp_wrapper(self.ffn.module)
+        if ddp is None:
+            return
+        labels, centroids = broadcast_from_first(
+            [self.groups.labels, self.frozen], [getattr(ddp, "process_group", None)]
+        )
+        self.set_split(labels, centroids)
+        self.ranks_agree = True
+
     def route(self, q: torch.Tensor, h: torch.Tensor | None = None) -> torch.Tensor:
         """Selected experts ``[T, k]`` for ``q [T, d_model]``; records telemetry and the balance loss."""
+        if not self.ranks_agree:
+            self.agree_with_ddp()
         s = self.scores(q, h)
         if self.config.gate_noise > 0 and self.ffn.module.training:
             noise = torch.randn(s.shape, generator=self.generator, device=s.device)
@@ -178,6 +230,8 @@ class ConvertedFFN:
         """
         ffn = self.ffn
         tensors = (ffn.keys, ffn.up, ffn.values.t(), ffn.key_bias, ffn.up_bias)
+        for t in tensors:
+            self._check_whole(t)
         grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
         refs = (ffn.key_proj, ffn.up_proj, ffn.value_proj)  # effective (PEFT) weights are fresh tensors
         stamp: tuple[object, ...] = (

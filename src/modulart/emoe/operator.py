@@ -20,15 +20,24 @@ from typing import Any
 import torch
 from torch import nn
 
-from modulart.core.errors import ConfigError, IncompatibleArtifactError
+from modulart.core.errors import ConfigError, IncompatibleArtifactError, NonFiniteError, UnsupportedModuleError
 from modulart.core.ffn import FFN, find_ffns
 from modulart.core.operator import Operator, Plan
 from modulart.core.select import select_views
 from modulart.core.sharing import claim
 from modulart.core.types import StateValue
+from modulart.core.unwrap import unwrap_model
 from modulart.emoe.cluster import balanced_kmeans, random_balanced_labels
 from modulart.emoe.config import EMoEConfig, default_layers
 from modulart.emoe.handle import EMoEHandle
+from modulart.emoe.ranks import (
+    broadcast_from_first,
+    rank_groups,
+    refuse_leaf_shards,
+    refuse_shards_inside,
+    unsharded,
+    whole,
+)
 
 __all__ = ["EMoE", "EMoEHandle", "EMoEPlan", "apply"]
 
@@ -42,13 +51,18 @@ class EMoEPlan(Plan):
 
 
 def _chosen_ffns(model: nn.Module, config: EMoEConfig) -> list[FFN]:
-    ffns = find_ffns(model)
+    try:
+        ffns = find_ffns(model)
+    except UnsupportedModuleError as e:
+        refuse_leaf_shards(model, e)  # FSDP2 units of single layers: say so, not "no FFN"
+        raise
     spec = default_layers(len(ffns)) if config.layers == "default" else config.layers
     return select_views(ffns, spec, field="EMoEConfig.layers", what="FFN", every=config.every, start=config.start)
 
 
 def _check_fits(ffns: list[FFN], config: EMoEConfig) -> None:
     for f in ffns:
+        refuse_shards_inside(f.module, f.path)
         if config.num_experts > f.d_ff:
             raise ConfigError(
                 f"EMoEConfig.num_experts = {config.num_experts}: more experts than the {f.d_ff} neurons of {f.path!r}"
@@ -59,7 +73,11 @@ def _split(ffn: FFN, config: EMoEConfig) -> torch.Tensor:
     if config.split == "random":
         return random_balanced_labels(ffn.d_ff, config.num_experts, seed=config.seed).to(ffn.keys.device)
     return balanced_kmeans(
-        ffn.keys.detach(), config.num_experts, seed=config.seed, max_iter=config.max_iter, cache_dir=config.cache_dir
+        whole(ffn.keys.detach()),
+        config.num_experts,
+        seed=config.seed,
+        max_iter=config.max_iter,
+        cache_dir=config.cache_dir,
     )
 
 
@@ -72,8 +90,42 @@ class EMoE(Operator[EMoEConfig, EMoEPlan, EMoEHandle]):
     def plan(cls, model: nn.Module, config: EMoEConfig) -> EMoEPlan:
         ffns = _chosen_ffns(model, config)
         _check_fits(ffns, config)
+        for f in ffns:
+            if not f.keys.is_meta and not bool(whole(f.keys.detach()).isfinite().all()):
+                raise NonFiniteError(
+                    f"EMoE: the keys of FFN {f.path!r} hold NaN or inf values; neither the clustering nor the "
+                    "router can use them (repair or reload the weights before apply)"
+                )
         labels = {f.path: _split(f, config) for f in ffns}
         return EMoEPlan(targets=[f.path for f in ffns], selector=str(config.layers), ffns=ffns, labels=labels)
+
+    @classmethod
+    def _apply(cls, model: nn.Module, cfg: EMoEConfig, state: Mapping[str, StateValue] | None) -> EMoEHandle:
+        """Apply; on a distributed model, every rank then takes the first rank's split.
+
+        The split is deterministic for a seed on one device, but the clustering's float arithmetic
+        is not guaranteed bitwise equal across machines, and a model whose weights differed across
+        ranks when it was converted would route differently on every rank. An FSDP2-sharded model
+        is unsharded for the duration of the apply (every rank must apply). When ``model`` is
+        distributed (a ``DistributedDataParallel`` wrapper, or FSDP2 ``DTensor`` parameters) the
+        labels and centroids of the first rank are broadcast (a state loaded from a file is the same
+        everywhere already). A model that is local to its rank runs no collective.
+        """
+        groups = rank_groups(model) if state is None else []
+        with unsharded(unwrap_model(model)):  # FSDP2 shard -> apply: views are verified on whole blocks
+            handle = super()._apply(model, cfg, state)
+        if groups:
+            try:
+                paths = list(handle.layers)
+                mine = [t for p in paths for t in (handle.layers[p].groups.labels, handle.layers[p].frozen)]
+                agreed = broadcast_from_first(mine, groups)
+                for i, p in enumerate(paths):
+                    handle.layers[p].set_split(agreed[2 * i], agreed[2 * i + 1])
+                    handle.layers[p].ranks_agree = True
+            except BaseException:
+                handle.remove()
+                raise
+        return handle
 
     @classmethod
     def plan_from_state(cls, model: nn.Module, config: EMoEConfig, state: Mapping[str, StateValue]) -> EMoEPlan:

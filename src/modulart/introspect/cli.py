@@ -14,6 +14,8 @@ import argparse
 from collections.abc import Callable
 from pathlib import Path
 
+from modulart.cli import nonnegative_int, positive_number
+
 __all__ = ["add_inspect_parser", "run_inspect"]
 
 
@@ -37,9 +39,18 @@ def add_inspect_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser])
     p.add_argument("--out", default=None, help="output folder (default: ./<checkpoint name>-introspect)")
     p.add_argument("--dense", default=None, help="dense reference checkpoint directory (adds the F column)")
     p.add_argument("--layers", default=None, help="MoE layers to analyse, e.g. '0-3,-1' or 'last_half'")
-    p.add_argument("--budget-mb", type=float, default=128, help="fp32 MB per chunk (two in flight; default 128)")
-    p.add_argument("--reorder-neurons", type=int, default=256, help="S3 sampled neurons per layer (0: skip)")
+    p.add_argument(
+        "--budget-mb", type=positive_number, default=128, help="fp32 MB per chunk, > 0 (two in flight; default 128)"
+    )
+    p.add_argument(
+        "--reorder-neurons", type=nonnegative_int, default=256, help="S3 sampled neurons per layer, >= 0 (0: skip)"
+    )
     p.add_argument("--no-plots", action="store_true", help="write the report only, no figures")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="write into an --out folder that holds other files (only the report's own files are replaced)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -52,13 +63,19 @@ def _layers(spec: str | None) -> int | str | None:
         return spec
 
 
-def run_inspect(args: argparse.Namespace, echo: Callable[[str], None]) -> int:
+def run_inspect(
+    args: argparse.Namespace, echo: Callable[[str], None], *, errors: Callable[[str], None] | None = None
+) -> int:
     """Run ``modulart inspect`` with parsed ``args``; print through ``echo``; returns the exit status.
+
+    A checkpoint path that is not a directory is reported through ``errors`` (default: ``echo``) as
+    one line, exit status 2; every other bad input raises its typed error before anything is written
+    (``modulart.cli.main`` turns it into one line and an exit status).
 
     Example:
         >>> import tempfile, torch
         >>> from safetensors.torch import save_file
-        >>> d = tempfile.mkdtemp()
+        >>> d, out = tempfile.mkdtemp(), tempfile.mkdtemp() + "/out"
         >>> t = {"model.layers.0.mlp.gate.weight": torch.randn(2, 4)}
         >>> for e in range(2):
         ...     for n, s in (("gate_proj", (6, 4)), ("up_proj", (6, 4)), ("down_proj", (4, 6))):
@@ -67,18 +84,21 @@ def run_inspect(args: argparse.Namespace, echo: Callable[[str], None]) -> int:
         >>> p = argparse.ArgumentParser(prog="modulart")
         >>> add_inspect_parser(p.add_subparsers(dest="command"))
         >>> lines = []
-        >>> run_inspect(p.parse_args(["inspect", d, "--out", f"{d}/out", "--no-plots"]), lines.append)
+        >>> run_inspect(p.parse_args(["inspect", d, "--out", out, "--no-plots"]), lines.append)
         0
         >>> lines[0].endswith("1 MoE layers, members ['e0', 'e1']")
         True
     """
+    from modulart.core.io import check_output
     from modulart.introspect.reporting import report
 
     path = Path(args.path)
     if not path.is_dir():
-        echo(f"modulart inspect: error: {path} is not a checkpoint directory")
+        (errors or echo)(f"modulart: error: inspect: {path} is not a checkpoint directory")
         return 2
     out = Path(args.out) if args.out else Path.cwd() / f"{path.resolve().name}-introspect"
+    overwrite = bool(getattr(args, "overwrite", False))
+    check_output(out, sources=[path], kind="report", overwrite=overwrite)  # before the long read
     rep = report(
         path,
         dense=args.dense,
@@ -89,7 +109,7 @@ def run_inspect(args: argparse.Namespace, echo: Callable[[str], None]) -> int:
     )
     echo(f"{path}: {len(rep.layers)} MoE layers, members {rep.members}")
     echo(rep.table())
-    rep.save(out)
+    rep.save(out, overwrite=overwrite, sources=[path])
     echo(f"report: {out / 'report.json'} + {out / 'arrays.safetensors'}")
     if not args.no_plots:
         for f in rep.plot(out):

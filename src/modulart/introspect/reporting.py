@@ -18,18 +18,20 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from os import PathLike
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from modulart._version import __version__
 from modulart.core.errors import ConfigError, IncompatibleArtifactError
-from modulart.core.io import atomic_directory
+from modulart.core.io import atomic_directory, inside, recover
 from modulart.core.select import LayersArg
 from modulart.core.types import ModelInputs
 from modulart.introspect.live import DenseSpec
@@ -156,8 +158,17 @@ class Report:
         lines += [f"- {s}" for s in self.meta["suggestions"]]
         return "\n".join(lines)
 
-    def save(self, directory: str | PathLike[str]) -> Path:
+    def save(
+        self, directory: str | PathLike[str], *, overwrite: bool = False, sources: Sequence[str | PathLike[str]] = ()
+    ) -> Path:
         """Write ``arrays.safetensors`` and ``report.json`` atomically into ``directory``.
+
+        ``directory`` may be new, empty or a report modulart wrote (replaced atomically; files
+        modulart did not write there, such as the figures, are kept). Any other non-empty folder
+        raises :class:`~modulart.core.errors.UnsafePathError` unless ``overwrite=True``, which
+        replaces only the report's two files and keeps every other file byte for byte. A
+        ``directory`` equal to, inside or containing one of ``sources`` (the checkpoint the report
+        was made from) is refused, ``overwrite`` or not.
 
         Example:
             >>> import tempfile
@@ -167,7 +178,7 @@ class Report:
             >>> back.layers, torch.equal(back.arrays["s1.act"], rep.arrays["s1.act"])
             ([0, 1], True)
         """
-        with atomic_directory(directory) as tmp:
+        with atomic_directory(directory, kind="report", overwrite=overwrite, sources=sources) as tmp:
             save_file({k: v.contiguous() for k, v in self.arrays.items()}, str(tmp / "arrays.safetensors"))
             meta = {
                 "format": FORMAT,
@@ -182,15 +193,38 @@ class Report:
 
     @classmethod
     def load(cls, directory: str | PathLike[str]) -> Report:
-        """Read a report written by :meth:`save`."""
+        """Read a report written by :meth:`save`.
+
+        Raises:
+            IncompatibleArtifactError: no ``report.json``, not JSON, a field of the wrong type, or an
+                ``arrays.safetensors`` that is not a readable safetensors file.
+            UnsafePathError: one of the two files is a symlink that leaves the folder.
+        """
         d = Path(directory)
+        recover(d)
+        for name in ("report.json", "arrays.safetensors"):  # a symlink out of the folder is not read
+            if (d / name).exists():
+                inside(d, name)
+        meta_path = d / "report.json"
         try:
-            meta = json.loads((d / "report.json").read_text())
+            meta = json.loads(meta_path.read_text(encoding="utf-8"))
         except FileNotFoundError:
             raise IncompatibleArtifactError(f"{d}: no report.json (not an introspection report)") from None
-        if meta.get("format") != FORMAT:
-            raise IncompatibleArtifactError(f"{d}/report.json: format {meta.get('format')!r}, expected {FORMAT!r}")
-        arrays = load_file(str(d / "arrays.safetensors"))
+        except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
+            raise IncompatibleArtifactError(f"{meta_path}: not valid JSON ({e})") from None
+        if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+            got = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+            raise IncompatibleArtifactError(f"{meta_path}: format {got!r}, expected {FORMAT!r}")
+        for name, kind in (("source", str), ("layers", list), ("members", list), ("kinds", list), ("meta", dict)):
+            if not isinstance(meta.get(name), kind):
+                raise IncompatibleArtifactError(
+                    f"{meta_path}: field {name!r} must be a {kind.__name__}, got {type(meta.get(name)).__name__}"
+                )
+        arrays_path = d / "arrays.safetensors"
+        try:
+            arrays = load_file(str(arrays_path))
+        except (SafetensorError, OSError, ValueError, RuntimeError, TypeError, OverflowError) as e:
+            raise IncompatibleArtifactError(f"{arrays_path}: not a readable safetensors file ({e})") from None
         return cls(meta["source"], meta["layers"], meta["members"], meta["kinds"], arrays, _none_to_nan(meta["meta"]))
 
     def plot(self, directory: str | PathLike[str]) -> list[Path]:
@@ -344,6 +378,9 @@ def report(
         >>> rep.layers, rep.rows[0]["D3 active"] > 0.9, tuple(rep.arrays["d2.counts"].shape)
         ([0, 1], True, (2, 4, 4))
     """
+    rn = reorder_neurons
+    if rn is not None and not (isinstance(rn, int) and not isinstance(rn, bool) and rn >= 0):
+        raise ConfigError(f"reorder_neurons = {rn!r}: must be None or an int >= 0 (0 or None: skip S3)")
     if inputs is not None and not isinstance(model_or_dir, torch.nn.Module):
         raise ConfigError("inputs= needs a live model: the dynamic analyses run the model (a directory is streamed)")
     w = weights(model_or_dir, dense=dense, experts=experts, layers=layers, budget_mb=budget_mb, progress=progress)

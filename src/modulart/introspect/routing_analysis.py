@@ -226,6 +226,10 @@ def routing(
         >>> r.layers, tuple(r.output_similarity().shape), int(r.norm_score_counts()[0].sum())
         ([0, 1], (2, 4, 4), 48)
     """
+    if not (isinstance(threshold, (int, float)) and math.isfinite(threshold) and threshold >= 0):
+        raise ConfigError(f"threshold = {threshold!r}: must be a finite number >= 0")
+    if not (isinstance(chunk_tokens, int) and not isinstance(chunk_tokens, bool) and chunk_tokens >= 1):
+        raise ConfigError(f"chunk_tokens = {chunk_tokens!r}: must be an int >= 1")
     layer_list = (
         _split_layers(model, neuron_splits(experts))
         if experts is not None

@@ -27,9 +27,10 @@ from os import PathLike
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
-from modulart.core.errors import IncompatibleArtifactError
+from modulart.core.errors import ArtifactNotFoundError, IncompatibleArtifactError
+from modulart.core.io import inside
 from modulart.introspect.footprint import Footprint
 from modulart.introspect.sources import Block, TensorReader
 
@@ -49,8 +50,11 @@ def checkpoint_index(directory: str | PathLike[str]) -> dict[str, Entry]:
     """Every tensor of a safetensors checkpoint directory: name -> :class:`Entry`, headers only.
 
     Raises:
-        FileNotFoundError: not a directory, or no ``*.safetensors`` in it.
-        IncompatibleArtifactError: the shard index names a file that is missing.
+        ArtifactNotFoundError: not a directory, or no ``*.safetensors`` in it (a ``FileNotFoundError``).
+        IncompatibleArtifactError: the shard index is not JSON or names a file that is missing, or a
+            file is not a readable safetensors file.
+        UnsafePathError: the index names a file outside the folder (``../x``, an absolute path, a
+            symlink resolving outside), or a ``*.safetensors`` is such a symlink; before any read.
 
     Example:
         >>> import tempfile
@@ -63,24 +67,33 @@ def checkpoint_index(directory: str | PathLike[str]) -> dict[str, Entry]:
     """
     root = Path(directory)
     if not root.is_dir():
-        raise FileNotFoundError(f"{root}: not a checkpoint directory")
+        raise ArtifactNotFoundError(f"{root}: not a checkpoint directory")
     index = root / "model.safetensors.index.json"
     if index.is_file():
-        weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
-        files = sorted({root / f for f in weight_map.values()})
+        inside(root, index.name)
+        try:
+            weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
+        except (ValueError, KeyError, TypeError) as e:
+            raise IncompatibleArtifactError(f"{index}: not a shard index with a 'weight_map' ({e})") from None
+        if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+            raise IncompatibleArtifactError(f"{index}: 'weight_map' must map tensor names to file names")
+        files = sorted({inside(root, f, index=index) for f in weight_map.values()})  # before reading any
         missing = [str(f.name) for f in files if not f.is_file()]
         if missing:
             raise IncompatibleArtifactError(f"{index} names shard(s) that do not exist: {missing[:4]}")
     else:
-        files = sorted(root.glob("*.safetensors"))
+        files = sorted(inside(root, f.name) for f in root.glob("*.safetensors"))  # no symlink out of root
     if not files:
-        raise FileNotFoundError(f"{root}: no *.safetensors files")
+        raise ArtifactNotFoundError(f"{root}: no *.safetensors files")
     out: dict[str, Entry] = {}
     for f in files:
-        with safe_open(str(f), framework="pt") as h:
-            for k in h.keys():  # noqa: SIM118 (a safetensors handle, not a dict)
-                sl = h.get_slice(k)
-                out[k] = Entry(f, tuple(int(s) for s in sl.get_shape()), str(sl.get_dtype()))
+        try:
+            with safe_open(str(f), framework="pt") as h:
+                for k in h.keys():  # noqa: SIM118 (a safetensors handle, not a dict)
+                    sl = h.get_slice(k)
+                    out[k] = Entry(f, tuple(int(s) for s in sl.get_shape()), str(sl.get_dtype()))
+        except (OSError, ValueError, RuntimeError, SafetensorError) as e:  # a truncated or garbled file
+            raise IncompatibleArtifactError(f"{f}: not a readable safetensors file ({e})") from None
     return out
 
 

@@ -13,6 +13,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -333,6 +334,9 @@ def weights(
         >>> w.layers, w.matrices
         ([0, 1], ['act', 'up', 'down'])
     """
+    ok_budget = isinstance(budget_mb, (int, float)) and not isinstance(budget_mb, bool)
+    if not (ok_budget and math.isfinite(budget_mb) and budget_mb > 0):
+        raise ConfigError(f"budget_mb = {budget_mb!r}: must be a finite number of MB > 0")
     if isinstance(source, WeightSource):
         src = source
     elif isinstance(source, nn.Module):

@@ -13,6 +13,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import TypeAlias
 
 from modulart.core.operator import OperatorConfig, option
@@ -72,13 +73,14 @@ class KVConfig(OperatorConfig):
             "rank",
             "must be an int >= 1",
         )
-        self.require(isinstance(self.alpha, (int, float)) and self.alpha > 0, "alpha", "must be a number > 0")
+        ok_alpha = isinstance(self.alpha, (int, float)) and not isinstance(self.alpha, bool)
+        self.require(ok_alpha and math.isfinite(self.alpha) and self.alpha > 0, "alpha", "must be a finite number > 0")
         self.require(
             isinstance(self.lora_dropout, (int, float)) and 0 <= self.lora_dropout < 1,
             "lora_dropout",
             "must lie in [0, 1)",
         )
-        self.require(isinstance(self.seed, int), "seed", "must be an int")
+        self.require(isinstance(self.seed, int) and not isinstance(self.seed, bool), "seed", "must be an int")
         n = self.neurons
         if isinstance(n, dict):
             ok = all(

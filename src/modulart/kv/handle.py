@@ -22,6 +22,7 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING
 
@@ -32,7 +33,7 @@ from modulart.core.errors import IncompatibleArtifactError, UnsupportedOperation
 from modulart.core.grad_mask import GradientMasker
 from modulart.core.operator import AnyOperator, Handle
 from modulart.core.types import OptimizerLike, StateDict, StateValue
-from modulart.core.unwrap import unwrap_optimizer
+from modulart.core.unwrap import ShardAwareMasker, is_dtensor, unwrap_optimizer
 from modulart.kv.config import KVConfig
 from modulart.kv.expert_lora import ExpertLoRA, FusedDelta, unparametrize_param
 from modulart.kv.lora import LoRA
@@ -104,7 +105,7 @@ class KVHandle(Handle[KVConfig]):
             self._build_lora()
         elif config.mode == "mask":
             self.keep = self._keep_masks(self.neurons)
-            self.masker = GradientMasker(model, registry=self.registry.scope("mask"))
+            self.masker = ShardAwareMasker(model, registry=self.registry.scope("mask"))
             for param, keep, axis in self.keep.values():
                 self.masker.set(param, keep, axis=axis)
 
@@ -145,13 +146,15 @@ class KVHandle(Handle[KVConfig]):
 
     # --- lifecycle ----------------------------------------------------------------------------
     def _teardown(self) -> None:
-        for owner, name, order in reversed(self.parametrized):
+        while self.parametrized:  # one entry at a time, forgotten once undone: a retried remove() resumes
+            owner, name, order = self.parametrized[-1]
             unparametrize_param(owner, name, merge=False, order=order)
-        self.parametrized = []
-        for module, name, lora in reversed(self.holders):
+            self.parametrized.pop()
+        while self.holders:
+            module, name, lora = self.holders[-1]
             if module._modules.get(name) is lora:
-                del module._modules[name]
-        self.holders = []
+                _drop_holder(module, name)
+            self.holders.pop()
         for masker in (self.step_masker, self.masker):
             if masker is not None:
                 masker.remove()
@@ -220,7 +223,8 @@ class KVHandle(Handle[KVConfig]):
         self.optimizer = opt
         if self.config.mode != "mask":
             return
-        masker = GradientMasker(self.model, opt, freeze=True, registry=self.registry.scope("mask-step"))
+        self._rebind()
+        masker = ShardAwareMasker(self.model, opt, freeze=True, registry=self.registry.scope("mask-step"))
         for p, keep, axis in self.keep.values():
             masker.set(p, keep, axis=axis)
         if self.step_masker is not None:
@@ -228,9 +232,59 @@ class KVHandle(Handle[KVConfig]):
         self.step_masker = masker
         self._sync_hooks()
 
+    @property
+    def sharded(self) -> bool:
+        """Whether a trained tensor is FSDP2-sharded now (``fully_shard`` after ``apply``)."""
+        return any(is_dtensor(self._current(part)) for part in self.parts)
+
+    def _current(self, part: Part) -> torch.Tensor:
+        """The part's parameter as the model holds it now (FSDP2 replaces parameters by sharded ones)."""
+        try:
+            return self.model.get_parameter(part.name)
+        except AttributeError:
+            return part.param
+
+    def _rebind(self) -> None:
+        """Point parts and masks at the model's current parameters (after ``fully_shard`` replaced them).
+
+        FSDP2 writes reduce-scattered gradients straight into the sharded parameters, so the
+        post-accumulate-grad masks of the old ones never run: a sharded model masks on the optimizer
+        step (``attach``), on each rank's local shard.
+        """
+        changed = False
+        for i, part in enumerate(self.parts):
+            current = self._current(part)
+            if current is not part.param:
+                self.parts[i] = dataclasses.replace(part, param=current)
+                changed = True
+        if changed:
+            for masker in (self.masker, self.step_masker):
+                if masker is not None:
+                    masker.clear()  # the masks of the replaced parameters
+            self._set_neurons(self.neurons)
+
+    def check_masking(self) -> None:
+        """Mode ``mask`` on a sharded model: refuse to train without an attached optimizer.
+
+        Raises:
+            UnsupportedOperationError: the trained tensors were replaced since apply (FSDP2
+                ``fully_shard``) and no optimizer was attached (the gradients would not be masked).
+        """
+        if self.config.mode != "mask" or self.step_masker is not None:
+            return
+        # FSDP2 swaps the registered parameters (sharded between steps, unsharded inside the forward)
+        replaced = [part.name for part in self.parts if self._current(part) is not part.param]
+        if replaced:
+            raise UnsupportedOperationError(
+                f"KV mode='mask': the parameters {replaced[:2]} were replaced since apply (FSDP2 fully_shard), where "
+                "gradients bypass the post-backward masks: build the optimizer after fully_shard and call "
+                "handle.attach(optimizer) before training (see docs/distributed.md)"
+            )
+
     def mask_(self) -> None:
         """Mask mode: zero the gradient slices of unselected neurons now (already done after backward)."""
         self._check_live()
+        self._rebind()
         if self.masker is not None:
             self.masker.mask_()
 
@@ -349,3 +403,8 @@ def _copy_into(param: torch.Tensor, value: torch.Tensor) -> None:
 
 def _row(part: Part, role: str, trainable: int) -> ReportRow:
     return ReportRow(part.block, part.name, role, tuple(part.param.shape), trainable, part.param.numel())
+
+
+def _drop_holder(module: nn.Module, name: str) -> None:
+    """Unregister the LoRA holder ``name`` of ``module`` (one resumable step of ``remove()``)."""
+    del module._modules[name]

@@ -25,15 +25,32 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from modulart.core.errors import IncompatibleArtifactError, UnsupportedOperationError
+from modulart.core.errors import IncompatibleArtifactError, NonFiniteError, UnsupportedOperationError
 from modulart.core.operator import Operator, Plan
 from modulart.core.types import JSONValue, OptimizerLike, StateValue
+from modulart.core.unwrap import is_distributed, refuse_sharded, unwrap_model
 from modulart.kv.config import KVConfig
 from modulart.kv.expert_lora import parametrize_param
 from modulart.kv.handle import HOLDER, KVHandle, neurons_key, owned_parameters
 from modulart.kv.targets import Part, choose_blocks, neuron_keep, resolve_parts
 
 __all__ = ["KV", "KVPlan", "apply"]
+
+_FSDP2_ORDER = (
+    "mt.kv.apply(model, ...) -> fully_shard(...) -> build the optimizer over the sharded parameters "
+    "(mode='mask': then handle.attach(optimizer))"
+)
+
+
+def _finite(t: torch.Tensor) -> bool:
+    """Whether every local entry of ``t`` is finite (meta tensors count as finite; DTensors: the local shard)."""
+    local = t.detach()
+    if local.is_meta:
+        return True
+    to_local = getattr(local, "to_local", None)
+    if callable(to_local):
+        local = to_local()
+    return bool(local.isfinite().all())
 
 
 @dataclass
@@ -55,9 +72,26 @@ class KV(Operator[KVConfig, KVPlan, KVHandle]):
     name = "kv"
 
     @classmethod
+    def _apply(cls, model: nn.Module, cfg: KVConfig, state: Mapping[str, StateValue] | None) -> KVHandle:
+        if is_distributed(model) and not is_distributed(unwrap_model(model)):
+            raise UnsupportedOperationError(
+                f"KV: apply KV to the bare model, then wrap it in {type(model).__name__}: the wrapper fixed at "
+                "construction which parameters it synchronises, and KV changes requires_grad (mode 'lora' adds "
+                "parameters), so the ranks would stop agreeing; mt.kv.apply(model.module, ...) and wrap again"
+            )
+        return super()._apply(model, cfg, state)
+
+    @classmethod
     def plan(cls, model: nn.Module, config: KVConfig) -> KVPlan:
+        refuse_sharded(model, "KV", _FSDP2_ORDER)
         blocks = choose_blocks(model, config)
         parts = resolve_parts(model, config, blocks)
+        bad = [p.name for p in parts if not _finite(p.param)]
+        if bad:
+            raise NonFiniteError(
+                f"KV: the tuned tensor(s) {bad[:4]} hold NaN or inf values; tuning them would spread the non-finite "
+                "values (repair or reload the weights before apply)"
+            )
         if config.mode == "lora" and config.lora_dropout > 0:
             fused = sorted({p.name for p in parts if p.ref is None and not p.is_bias})
             if fused:
@@ -105,6 +139,10 @@ class KV(Operator[KVConfig, KVPlan, KVHandle]):
             shape = [1] * param.dim()
             shape[axis] = -1
             handle.registry.post_accumulate_grad(param, _grad_mask(handle, id(param), shape))
+        masked = [p for p in plan.parts if p.axis is not None]
+        if cfg.mode == "mask" and masked:  # fully_shard after apply: refuse to train unmasked
+            block = model.get_submodule(masked[0].block)
+            handle.registry.forward_pre(block, lambda module, args: handle.check_masking(), name="kv/sharded")
 
 
 def _free_name(module: nn.Module, base: str) -> str:
@@ -120,9 +158,9 @@ def _grad_mask(handle: KVHandle, key: int, shape: list[int]) -> Callable[[torch.
     """Multiply the fresh gradient by the current keep mask (``handle.keep`` may be reloaded)."""
 
     def hook(param: torch.Tensor) -> None:
-        if param.grad is not None:
-            keep = handle.keep[key][1]
-            param.grad.mul_(keep.view(shape).to(param.grad.dtype))
+        entry = handle.keep.get(key)  # None: the parameter was replaced (fully_shard) and is unused
+        if param.grad is not None and entry is not None:
+            param.grad.mul_(entry[1].view(shape).to(param.grad.dtype))
 
     return hook
 

@@ -14,6 +14,7 @@ Example:
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, TypeAlias
 
@@ -21,12 +22,27 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from modulart.core.errors import IncompatibleArtifactError, UnsupportedModuleError, UnsupportedOperationError
+from modulart.core.errors import (
+    ConcurrentUseError,
+    IncompatibleArtifactError,
+    InvalidArgumentError,
+    InvalidStateError,
+    NonFiniteError,
+    UnsupportedModuleError,
+    UnsupportedOperationError,
+)
 from modulart.core.grad_mask import GradientMasker
 from modulart.core.hooks import Priority
 from modulart.core.operator import AnyOperator, Handle
 from modulart.core.types import OptimizerLike, StateDict, StateValue
-from modulart.core.unwrap import unwrap_optimizer
+from modulart.core.unwrap import (
+    ShardAwareMasker,
+    active_ddp_wrapper,
+    is_distributed,
+    is_dtensor,
+    local_tensor,
+    unwrap_optimizer,
+)
 from modulart.migu.config import MIGUConfig
 from modulart.migu.expert_group import ExpertGroup
 from modulart.migu.expert_stats import ExpertHistory, ExpertStats
@@ -43,6 +59,19 @@ ForwardHook: TypeAlias = Callable[[nn.Module, tuple[object, ...], object], None]
 ForwardKwargsHook: TypeAlias = Callable[[nn.Module, tuple[object, ...], dict[str, object], object], None]
 _TASKS_DONE = "tasks_done"
 _GENERATOR = "generator"
+
+
+def _weight(t: Target) -> torch.Tensor:
+    """The target's weight as the module holds it now (FSDP2 swaps parameters for sharded ones)."""
+    w = getattr(t.module, "weight", None)
+    return w if isinstance(w, torch.Tensor) else t.weight
+
+
+def _bias(t: Target) -> torch.Tensor | None:
+    if t.bias is None:
+        return None
+    b = getattr(t.module, "bias", None)
+    return b if isinstance(b, torch.Tensor) else t.bias
 
 
 class _Layer:
@@ -87,7 +116,10 @@ class MIGUHandle(Handle[MIGUConfig]):
         self._decided = False
         self._tasks_done = 0
         self._token_mask: torch.Tensor | None = None
+        self._step_thread: int | None = None
         self._generator = torch.Generator().manual_seed(config.seed)
+        self._ddp: nn.Module | None = None  # the DDP wrapper whose forward ran this step, if any
+        self._ddp_checked = False
 
     @property
     def tasks_done(self) -> int:
@@ -111,7 +143,7 @@ class MIGUHandle(Handle[MIGUConfig]):
         freeze = self.config.freeze_masked_rows
         with self.registry.atomic():
             self.registry.optimizer_step_pre(opt, self._pre_step, priority=Priority.INTERVENE - 1, name="migu/decide")
-            self.masker = GradientMasker(self.model, opt, freeze=freeze, registry=self.registry.scope("mask"))
+            self.masker = ShardAwareMasker(self.model, opt, freeze=freeze, registry=self.registry.scope("mask"))
             if self.expert_groups:
                 scope = self.registry.scope("expert-mask")
                 self.expert_masker = GradientMasker(self.model, opt, freeze=freeze, registry=scope)
@@ -133,12 +165,14 @@ class MIGUHandle(Handle[MIGUConfig]):
         def hook(module: nn.Module, args: tuple[object, ...], output: object) -> None:
             if not torch.is_grad_enabled():
                 return
+            self._note_forward()
             if t.from_input:  # routers: the logits x @ W.T + b, whatever the forward returns
                 x = args[0] if args else None
                 if not isinstance(x, torch.Tensor):
                     raise UnsupportedModuleError(f"MIGU: router {t.path!r} was called without a tensor input")
                 with torch.no_grad():
-                    out = F.linear(x.detach().to(t.weight.dtype), t.weight, t.bias)
+                    w, b = _weight(t), _bias(t)  # under FSDP2: the unsharded tensors of this forward
+                    out = F.linear(x.detach().to(w.dtype), w, b)
                 mask = self._token_mask
                 if mask is not None and mask.numel() == out[..., 0].numel():
                     mask = mask.reshape(out.shape[:-1])
@@ -154,23 +188,51 @@ class MIGUHandle(Handle[MIGUConfig]):
     def _record_experts(self, group: ExpertGroup) -> ForwardKwargsHook:
         def hook(module: nn.Module, args: tuple[object, ...], kwargs: dict[str, object], output: object) -> None:
             if torch.is_grad_enabled():
+                self._note_forward()
                 group.record(args, kwargs, self._token_mask)
 
         return hook
 
     # --- the step boundary --------------------------------------------------------------------
+    def _note_forward(self) -> None:
+        """In every recording hook: one thread per step; once per step: is a DDP forward running?"""
+        thread = threading.get_ident()
+        if self._step_thread is None:
+            self._step_thread = thread
+        elif self._step_thread != thread:
+            raise ConcurrentUseError(
+                "MIGU: two threads ran grad-enabled forwards in the same training step; the step's "
+                "statistics belong to one training loop: run training forwards from one thread (forwards "
+                "under torch.no_grad() are not recorded and may run anywhere)"
+            )
+        if not self._ddp_checked:
+            self._ddp_checked = True
+            self._ddp = active_ddp_wrapper(self.model)
+
     def _all_reduce(self) -> None:
-        """Average every layer's statistics across DDP ranks in one flat fp32 buffer."""
+        """Average every layer's statistics across the ranks in one flat fp32 buffer.
+
+        Only for a model that is really distributed (a DDP forward ran this step, or the model is
+        DDP / FSDP wrapped or holds DTensor parameters): a process group alone is not enough, so a
+        model local to one rank of a distributed job never waits for ranks that do not join.
+        """
         if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
             return
+        if self._ddp is None and not is_distributed(self.model):
+            return
+        group = getattr(self._ddp, "process_group", None)
         accs: list[UnitStats | ExpertStats] = [layer.acc for layer in self.layers.values()]
         accs += [a for g in self.expert_groups.values() for a in g.accumulators()]
         first = next(iter(self.layers.values()), None)
-        device = first.target.weight.device if first else next(iter(self.expert_groups.values())).experts.down.device
+        device = (
+            local_tensor(_weight(first.target)).device
+            if first
+            else next(iter(self.expert_groups.values())).experts.down.device
+        )
         chunks = [acc.to_flat(device) for acc in accs]
         flat = torch.cat(chunks)
-        torch.distributed.all_reduce(flat)
-        flat /= torch.distributed.get_world_size()
+        torch.distributed.all_reduce(flat, group=group)
+        flat /= torch.distributed.get_world_size(group)
         start = 0
         for acc, chunk in zip(accs, chunks, strict=True):
             acc.load_flat(flat[start : start + chunk.numel()], device)
@@ -179,28 +241,50 @@ class MIGUHandle(Handle[MIGUConfig]):
     def _decide(self, masker: GradientMasker) -> None:
         if self._decided:
             return
+        self._check_sharded()
         self._decided = True
         self._all_reduce()
         cfg = self.config
         masking = not (cfg.skip_first_task and self._tasks_done == 0)
         for layer in self.layers.values():
             t = layer.target
+            weight = _weight(t)
             if not layer.acc.seen:
                 layer.history.push(None)
-                masker.clear(t.weight)
+                masker.clear(weight)
                 continue
             if cfg.control == "random":
-                keep = random_mask(t.units, cfg.keep_ratio, self._generator, t.weight.device)
+                keep = random_mask(t.units, cfg.keep_ratio, self._generator, local_tensor(weight).device)
             else:
                 keep = select_mask(layer.acc.score(), cfg.keep_ratio, cfg.select)
             layer.history.push(keep)
             if masking:
-                masker.set(t.weight, keep, axis=t.axis, bias=t.bias if cfg.mask_bias else None)
+                masker.set(weight, keep, axis=t.axis, bias=_bias(t) if cfg.mask_bias else None)
             else:
-                masker.clear(t.weight)
+                masker.clear(weight)
         if self.expert_masker is not None:
             for group in self.expert_groups.values():
                 self._decide_experts(self.expert_masker, group, masking)
+
+    def _check_sharded(self) -> None:
+        """Under FSDP2, refuse a step whose optimizer holds the parameters from before ``fully_shard``."""
+        sharded = [layer.target for layer in self.layers.values() if is_dtensor(_weight(layer.target))]
+        if not sharded:
+            return
+        if self.expert_groups:
+            raise InvalidStateError(
+                f"MIGU: fused experts {sorted(self.expert_groups)[:3]} cannot be gated on FSDP2-sharded parameters; "
+                "apply MIGU with moe=False (or targets without fused experts) before fully_shard"
+            )
+        opt = self.optimizer
+        held = {id(p) for g in opt.param_groups for p in g["params"]} if opt is not None else set()
+        stale = [t.path for t in sharded if _weight(t).requires_grad and id(_weight(t)) not in held]
+        if stale:
+            raise InvalidStateError(
+                f"MIGU: the attached optimizer does not hold the FSDP2-sharded weights of {stale[:3]}: it was built "
+                "before fully_shard replaced the parameters. Apply MIGU, call fully_shard, build the optimizer over "
+                "the sharded parameters, then handle.attach(optimizer)"
+            )
 
     def _decide_experts(self, masker: GradientMasker, group: ExpertGroup, masking: bool) -> None:
         for p in group.experts.params():
@@ -216,7 +300,26 @@ class MIGUHandle(Handle[MIGUConfig]):
         return self.masker
 
     def _pre_step(self, opt: torch.optim.Optimizer, args: object, kwargs: object) -> None:
+        self._check_finite_grads()
         self._decide(self._require_masker())
+
+    def _check_finite_grads(self) -> None:
+        """Refuse the step (before any parameter moves) when a gated gradient holds NaN or inf."""
+        named = [(layer.target.path, _weight(layer.target)) for layer in self.layers.values()]
+        named += [(g.experts.path, p) for g in self.expert_groups.values() for p in g.experts.params()]
+        grads = [(path, p.grad) for path, p in named if p.grad is not None]
+        if not grads:
+            return
+        local: list[torch.Tensor] = [getattr(g, "to_local", lambda g=g: g)() for _, g in grads]  # DTensor: local shard
+        ok = torch.stack([t.detach().isfinite().all().to(local[0].device) for t in local])
+        if bool(ok.all()):
+            return
+        bad = [path for (path, _), good in zip(grads, ok.tolist(), strict=True) if not good]
+        self._reset_step()  # the refused batch's statistics do not vote in the next step
+        raise NonFiniteError(
+            f"MIGU: the gradient of {bad[:4]} holds NaN or inf (a non-finite loss?); the optimizer step was refused "
+            "and no parameter changed (zero the gradients and skip the batch, or use a GradScaler)"
+        )
 
     def _post_step(self, opt: torch.optim.Optimizer, args: object, kwargs: object) -> None:
         self._reset_step()
@@ -228,6 +331,8 @@ class MIGUHandle(Handle[MIGUConfig]):
         for group in self.expert_groups.values():
             group.reset()
         self._decided = False
+        self._ddp, self._ddp_checked = None, False
+        self._step_thread = None
 
     def _set_enabled(self, enabled: bool) -> None:
         # the registry's hooks (statistics, decision, maskers) are switched by the base class; what
@@ -258,6 +363,8 @@ class MIGUHandle(Handle[MIGUConfig]):
 
     def set_token_mask(self, mask: torch.Tensor | None) -> None:
         """``[batch, seq]`` mask (nonzero = real token) for the next forwards; None: every position votes."""
+        if mask is not None and not isinstance(mask, torch.Tensor):
+            raise InvalidArgumentError(f"set_token_mask: expected a [batch, seq] tensor or None, got {type(mask)}")
         self._token_mask = None if mask is None else mask.detach()
 
     def task_boundary(self) -> None:

@@ -20,6 +20,7 @@ from torch import nn
 
 from modulart.core.operator import Operator, Plan
 from modulart.core.types import JSONValue, OptimizerLike
+from modulart.core.unwrap import refuse_sharded
 from modulart.migu.config import MIGUConfig
 from modulart.migu.coverage import warn_ungated
 from modulart.migu.experts import FusedExperts
@@ -27,6 +28,9 @@ from modulart.migu.handle import MIGUHandle
 from modulart.migu.targets import Target, discover, find_targets
 
 __all__ = ["MIGU", "MIGUHandle", "MIGUPlan", "Target", "apply", "find_targets"]  # MIGUHandle: from .handle
+
+
+_FSDP2_ORDER = "mt.migu.apply(model, ...) -> fully_shard(...) -> build the optimizer -> handle.attach(optimizer)"
 
 
 @dataclass
@@ -48,6 +52,7 @@ class MIGU(Operator[MIGUConfig, MIGUPlan, MIGUHandle]):
 
     @classmethod
     def plan(cls, model: nn.Module, config: MIGUConfig) -> MIGUPlan:
+        refuse_sharded(model, "MIGU", _FSDP2_ORDER)
         found = discover(model, config.targets, moe=config.moe)
         if config.targets is None:
             warn_ungated(model, found, stacklevel=5)  # the caller of modulart.migu.apply

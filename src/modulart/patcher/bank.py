@@ -10,6 +10,11 @@ For FFN input ``q [..., d_model]`` and ``P`` patches::
 additive terms, so removing one is an exact inverse. While an edit is trained, its new neurons sit
 in :class:`Pending` next to the committed ones, each applied only to its own batch rows.
 
+The committed neurons are shared by every thread and published as one snapshot after each change,
+so a forward running while another thread adds or removes patches sees either the old or the new set,
+never a mix of shapes. The in-flight training state (``pending``, ``record``, ``recorded``) is per
+thread, so a forward another thread runs while an edit trains sees only the committed patches.
+
 Example:
     >>> import torch
     >>> from modulart.patcher.bank import PatchBank
@@ -24,6 +29,7 @@ Example:
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -32,6 +38,18 @@ import torch
 from modulart.core.errors import ConfigError, IncompatibleArtifactError, KeyNotFoundError, ShapeError
 
 __all__ = ["PatchBank", "Pending"]
+
+
+@dataclass(frozen=True)
+class _Neurons:
+    """One consistent view of the committed neurons (what a forward reads)."""
+
+    keys: torch.Tensor
+    key_bias: torch.Tensor
+    values: torch.Tensor
+    enabled: torch.Tensor
+    up: torch.Tensor | None
+    up_bias: torch.Tensor | None
 
 
 @dataclass
@@ -80,9 +98,42 @@ class PatchBank:
         self.up_bias: torch.Tensor | None = torch.zeros(0, device=self.device) if gated else None
         self.values = torch.zeros(0, d_out, device=self.device)
         self.enabled = torch.zeros(0, dtype=torch.bool, device=self.device)
-        self.pending: Pending | None = None
-        self.recorded: torch.Tensor | None = None
-        self.record = False
+        self._local = threading.local()  # pending / record / recorded: per thread
+        self._publish()
+
+    def _publish(self) -> None:
+        """Make the current neurons what forwards read (one attribute store: atomic for other threads)."""
+        self._neurons = _Neurons(self.keys, self.key_bias, self.values, self.enabled, self.up, self.up_bias)
+
+    # --- per-thread training state --------------------------------------------------------------
+    @property
+    def pending(self) -> Pending | None:
+        """The neurons this thread is training (``None``: none; other threads never see them)."""
+        pending: Pending | None = getattr(self._local, "pending", None)
+        return pending
+
+    @pending.setter
+    def pending(self, value: Pending | None) -> None:
+        self._local.pending = value
+
+    @property
+    def record(self) -> bool:
+        """Whether this thread's forwards store the committed pre-activations in :attr:`recorded`."""
+        return bool(getattr(self._local, "record", False))
+
+    @record.setter
+    def record(self, value: bool) -> None:
+        self._local.record = value
+
+    @property
+    def recorded(self) -> torch.Tensor | None:
+        """``[..., P]`` committed pre-activations of this thread's last forward (while :attr:`record`)."""
+        recorded: torch.Tensor | None = getattr(self._local, "recorded", None)
+        return recorded
+
+    @recorded.setter
+    def recorded(self, value: torch.Tensor | None) -> None:
+        self._local.recorded = value
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -102,19 +153,20 @@ class PatchBank:
 
     def contribution(self, q: torch.Tensor) -> torch.Tensor | None:
         """``q [..., d_model] -> Δy [..., d_out]`` in fp32, or ``None`` when nothing would be added."""
-        pending = self.pending
-        active = bool(self.enabled.any()) if len(self.ids) else False
+        pending, nrn = self.pending, self._neurons
+        count = nrn.keys.shape[0]
+        active = bool(nrn.enabled.any()) if count else False
         if not active and pending is None and not self.record:
             return None
         qf = q.float()
         out: torch.Tensor | None = None
-        if len(self.ids):
-            a = qf @ self.keys.T + self.key_bias
+        if count:
+            a = qf @ nrn.keys.T + nrn.key_bias
             if self.record:
                 self.recorded = a.detach()
             if active:
-                h = self._hidden(qf, a, self.up, self.up_bias) * self.enabled.to(a.dtype)
-                out = h @ self.values
+                h = self._hidden(qf, a, nrn.up, nrn.up_bias) * nrn.enabled.to(a.dtype)
+                out = h @ nrn.values
         elif self.record:
             self.recorded = qf.new_zeros(*qf.shape[:-1], 0)
         if pending is not None:
@@ -174,6 +226,7 @@ class PatchBank:
             self.up, self.up_bias = cat(self.up, up), cat(self.up_bias, up_bias)
         self.enabled = torch.cat([self.enabled, torch.ones(n, dtype=torch.bool, device=self.device)])
         self.ids.extend(ids)
+        self._publish()
 
     def index(self, patch_id: str) -> int:
         try:
@@ -190,6 +243,7 @@ class PatchBank:
             self.up, self.up_bias = self.up[keep], self.up_bias[keep]
         self.enabled = self.enabled[keep]
         self.ids = [p for i, p in enumerate(self.ids) if i not in drop]
+        self._publish()
 
     def set_enabled(self, patch_id: str, enabled: bool) -> None:
         self.enabled[self.index(patch_id)] = enabled
@@ -226,3 +280,4 @@ class PatchBank:
         fresh.enabled = state["enabled"].to(self.device, torch.bool).clone()
         self.ids, self.keys, self.key_bias, self.values = fresh.ids, fresh.keys, fresh.key_bias, fresh.values
         self.up, self.up_bias, self.enabled = fresh.up, fresh.up_bias, fresh.enabled
+        self._publish()

@@ -20,6 +20,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 from modulart.core.operator import OperatorConfig, option
@@ -36,7 +37,8 @@ def _is_int(v: Any) -> bool:
 
 
 def _is_num(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
+    """A finite int or float (not a bool): NaN and inf are refused for every numeric field."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
 @dataclasses.dataclass
@@ -146,12 +148,12 @@ class PatcherConfig(OperatorConfig):
         self.require(_is_int(self.plateau_patience) and self.plateau_patience >= 1, "plateau_patience", "must be >= 1")
         for name in ("value_scale", "activation_weight", "weight_decay", "grad_clip"):
             v = getattr(self, name)
-            self.require(_is_num(v) and v >= 0, name, "must be a number >= 0")
+            self.require(_is_num(v) and v >= 0, name, "must be a finite number >= 0")
         mw = self.memory_weight
         self.require(mw is None or (_is_num(mw) and mw >= 0), "memory_weight", "must be None or a number >= 0")
         for name in ("silence_margin", "edit_margin", "fire_threshold"):
-            self.require(_is_num(getattr(self, name)), name, "must be a number")
-        self.require(_is_num(self.lr) and self.lr > 0, "lr", "must be a number > 0")
+            self.require(_is_num(getattr(self, name)), name, "must be a finite number")
+        self.require(_is_num(self.lr) and self.lr > 0, "lr", "must be a finite number > 0")
         self.require(_is_num(self.min_lr) and 0 < self.min_lr <= self.lr, "min_lr", "must lie in (0, lr]")
         ls = self.label_smoothing
         self.require(ls is None or (_is_num(ls) and 0 <= ls < 1), "label_smoothing", "must be None or lie in [0, 1)")

@@ -36,6 +36,7 @@ Example:
 from __future__ import annotations
 
 import os
+import threading
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -53,7 +54,7 @@ from modulart.core.errors import (
     UnsupportedOperationError,
 )
 from modulart.core.ffn import FFN
-from modulart.core.fingerprint import Fingerprint, fingerprint
+from modulart.core.fingerprint import Fingerprint
 from modulart.core.operator import AnyOperator, Handle
 from modulart.core.sharing import live_hooks, root_scope
 from modulart.core.types import StateDict, StateValue
@@ -73,7 +74,14 @@ from modulart.patcher.task import (
     run_model,
     token_errors,
 )
-from modulart.patcher.train import NeuronSet, clean_check, init_neurons, train_edits
+from modulart.patcher.train import (
+    NeuronSet,
+    agree_across_ranks,
+    clean_check,
+    init_neurons,
+    model_digest,
+    train_edits,
+)
 
 if TYPE_CHECKING:
     from modulart.patcher.operator import PatcherPlan
@@ -106,13 +114,24 @@ class PatcherHandle(Handle[PatcherConfig]):
         self.bank = PatchBank(self.ffn.d_model, self.ffn.values.shape[0], self.ffn.gated, self.ffn.activation, dev)
         self.memory: torch.Tensor | None = None
         self._patches: dict[str, Patch] = {}
-        self._q: torch.Tensor | None = None
+        self._local = threading.local()  # in-flight state of the forward each thread runs
         self._baked: list[tuple[str, nn.Module]] | None = None
         self._next_patch = 1
         self._next_edit = 1
         self._save_memory = False
 
     # --- hooks --------------------------------------------------------------------------------
+    @property
+    def _q(self) -> torch.Tensor | None:
+        """The patched FFN's input in the forward *this thread* is running (per thread: concurrent
+        forwards on one model never see each other's input)."""
+        q: torch.Tensor | None = getattr(self._local, "q", None)
+        return q
+
+    @_q.setter
+    def _q(self, q: torch.Tensor | None) -> None:
+        self._local.q = q
+
     def install_hooks(self) -> None:
         """Install the input and output hooks on the FFN (called once, by :class:`Patcher`)."""
 
@@ -307,6 +326,7 @@ class PatcherHandle(Handle[PatcherConfig]):
         if texts is not None and len(texts) != len(pairs):
             raise ShapeError(f"texts has {len(texts)} entries for {len(pairs)} edits")
         examples = [make_example(x, y, cfg.task) for x, y in pairs]
+        agree_across_ranks(self.model, examples)  # FSDP2: every rank edits the same pairs (no-op otherwise)
         if self.memory is None and cfg.mu > 0:
             raise ConfigError(
                 "PatcherConfig.memory_weight > 0 needs a memory set: call set_memory(ordinary_inputs) before edit()"
@@ -394,7 +414,7 @@ class PatcherHandle(Handle[PatcherConfig]):
                 up=ns.up[r] if ns.up is not None else None,
                 up_bias=ns.up_bias[r] if ns.up_bias is not None else None,
             )
-        digest = fingerprint(self.model).digest
+        digest = model_digest(self.model)  # FSDP2: of the whole parameters
         hyper = {k: cfg.to_dict()[k] for k in ("init", "lr", "max_steps", "activation_weight", "views", "seed")}
         hyper |= {"memory_weight": cfg.mu, "label_smoothing": cfg.smoothing}
         hyper |= {"silence_margin": cfg.silence_margin, "edit_margin": cfg.edit_margin}
@@ -569,14 +589,14 @@ class PatcherHandle(Handle[PatcherConfig]):
             for path, module in widened:
                 self.model.set_submodule(path, module)
 
-    def save(self, directory: str | os.PathLike[str], *, include_memory: bool = False) -> Path:
+    def save(self, directory: str | os.PathLike[str], *, overwrite: bool = False, include_memory: bool = False) -> Path:
         """Write the patches (safetensors) and their provenance (JSON), atomically (see :meth:`Handle.save`).
 
         ``include_memory`` also stores the memory set, so editing can continue after loading.
         """
         self._save_memory = include_memory
         try:
-            return super().save(directory)
+            return super().save(directory, overwrite=overwrite)
         finally:
             self._save_memory = False
 

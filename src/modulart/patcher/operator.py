@@ -25,6 +25,7 @@ from torch import nn
 
 from modulart.core.ffn import FFN
 from modulart.core.operator import Operator, Plan
+from modulart.core.unwrap import refuse_sharded
 from modulart.patcher.config import PatcherConfig
 from modulart.patcher.handle import PatcherHandle
 from modulart.patcher.layer import resolve_ffn
@@ -50,6 +51,7 @@ class Patcher(Operator[PatcherConfig, PatcherPlan, PatcherHandle]):
 
     @classmethod
     def plan(cls, model: nn.Module, config: PatcherConfig) -> PatcherPlan:
+        refuse_sharded(model, "Transformer-Patcher", "apply, then fully_shard the blocks and the root")
         ffn = resolve_ffn(model, config.layer, field="PatcherConfig.layer")
         return PatcherPlan(targets=[ffn.path], selector=str(config.layer), ffn=ffn)
 

@@ -202,9 +202,12 @@ def _target_logits(logits: torch.Tensor, examples: Sequence[Example], task: str)
 def _check_classes(logits: torch.Tensor, examples: Sequence[Example], task: str) -> None:
     n = logits.shape[-1]
     top = max(int(e.target.max()) for e in examples)
+    low = min(int(e.target.min()) for e in examples)
+    what = "class index" if task == "classification" else "target token id"
     if top >= n:
-        what = "class index" if task == "classification" else "target token id"
         raise ShapeError(f"{what} {top} is out of range: the model's logits have {n} entries")
+    if low < 0:
+        raise ShapeError(f"{what} {low} is out of range: it must lie in [0, {n})")
 
 
 def _groups(examples: Sequence[Example]) -> list[list[int]]:

@@ -32,11 +32,24 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from modulart.core.errors import NonFiniteError, RankMismatchError
+from modulart.core.fingerprint import fingerprint
+from modulart.core.ranks import broadcast_, rank_groups
 from modulart.patcher.bank import PatchBank, Pending
 from modulart.patcher.config import PatcherConfig
+from modulart.patcher.records import content_hash
 from modulart.patcher.task import Example, collate, correct, per_example_loss, run_model
 
-__all__ = ["NeuronSet", "TrainOutcome", "VectorAdam", "clean_check", "init_neurons", "train_edits"]
+__all__ = [
+    "NeuronSet",
+    "TrainOutcome",
+    "VectorAdam",
+    "agree_across_ranks",
+    "clean_check",
+    "init_neurons",
+    "model_digest",
+    "train_edits",
+]
 
 _MAX_EXP = 60.0
 
@@ -62,6 +75,46 @@ class VectorAdam:
             v.mul_(b2).addcmul_(g, g, value=1 - b2)
             lr = self.lr.reshape(-1, *([1] * (p.dim() - 1))).to(p.dtype)
             p.sub_(lr * (m / c1) / ((v / c2).sqrt() + eps))
+
+
+# --- distributed models ---------------------------------------------------------------------
+# An edit is rank-local: the patcher runs the model it was applied to, never a DDP wrapper, and
+# the same edit on the same weights gives the same neurons on every rank (seeds follow the edit's
+# content). Under FSDP2 (DTensor parameters) every forward is a collective, so every rank must run
+# the same edits for the same number of steps: the edits are checked to agree before anything runs,
+# the stopping decisions of the first rank are followed, and its trained neurons are committed.
+
+
+def model_digest(model: nn.Module) -> str:
+    """``fingerprint(model).digest``: of the whole parameters, FSDP2 shards gathered (collective)."""
+    return fingerprint(model).digest
+
+
+def agree_across_ranks(model: nn.Module, examples: Sequence[Example], what: str = "edit") -> None:
+    """Check that every rank of a sharded ``model`` edits exactly ``examples`` (one all-gather).
+
+    A model local to its rank (no FSDP2 ``DTensor`` parameters) runs no collective.
+
+    Raises:
+        RankMismatchError: the ranks were given different edits (they would otherwise hang in the
+            next forward's all-gather, or commit different patches).
+    """
+    groups = rank_groups(model)
+    if not groups:
+        return
+    digest = content_hash([(ex.inputs, ex.target, ex.positional) for ex in examples])
+    mine = torch.tensor([int(digest[i : i + 8], 16) for i in range(0, 16, 8)], dtype=torch.int64)
+    for group in groups:
+        size = torch.distributed.get_world_size(group)
+        gathered = [torch.empty_like(mine) for _ in range(size)]
+        torch.distributed.all_gather(gathered, mine, group=group)
+        differ = [r for r, g in enumerate(gathered) if not torch.equal(g, gathered[0])]
+        if differ:
+            raise RankMismatchError(
+                f"{what}: the model is sharded by FSDP2 and ranks {differ} of its mesh were given other edits than "
+                "rank 0; an edit of a sharded model runs on every rank together: pass the same (inputs, target) "
+                "pairs on every rank (e.g. gather every rank's mistakes first)"
+            )
 
 
 @dataclass
@@ -233,6 +286,7 @@ def train_edits(
     losses: list[list[float]] = [[] for _ in range(n_edits)]
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
     was_training = model.training
+    groups = rank_groups(model)  # FSDP2: every rank follows the first rank's stopping decisions
     from tqdm.auto import tqdm
 
     bar = tqdm(total=cfg.max_steps, desc="patch", unit="step", leave=False, disable=_no_bar(cfg.progress))
@@ -254,9 +308,19 @@ def train_edits(
                 l_a, l_m, a_e, a_m = _neuron_terms(a, ns, views, memory, cfg)
                 per_edit = l_e + cfg.activation_weight * _per_edit(l_a, ns.owner, n_edits)
                 per_edit = per_edit + cfg.mu * _per_edit(l_m, ns.owner, n_edits)
-                for t in ns.params():
-                    t.grad = None
-                torch.autograd.backward((per_edit * active).sum())
+                # gradients of the new neurons only: nothing accumulates into the model's .grad (under
+                # FSDP2 the frozen flags reach only the parameters registered at the time, and a
+                # backward() would reduce-scatter edit gradients into the others)
+                params = ns.params()
+                grads = torch.autograd.grad((per_edit * active).sum(), params, allow_unused=True)
+                for t, g in zip(params, grads, strict=True):
+                    t.grad = g
+                if not bool(per_edit.detach()[active].isfinite().all()):
+                    bad = [e for e in active.nonzero().flatten().tolist() if not bool(per_edit[e].isfinite())]
+                    raise NonFiniteError(
+                        f"patch training: the loss of edit(s) {bad} is NaN or inf at step {int(steps.max())} "
+                        f"(the model's outputs on the edit, or the config's lr / weights); no patch was added"
+                    )
                 _clip_(ns, n_edits, cfg.grad_clip)
                 opt.lr = (lr * active)[ns.owner]
                 opt.step()
@@ -282,6 +346,7 @@ def train_edits(
                     margin_ok = _per_edit(ok_n.float(), ns.owner, n_edits) == 1
                 settled = margin_ok | (since_best >= cfg.stop_patience) | (not cfg.require_margins)
                 cand = active & view_ok & settled
+                broadcast_([cand], groups, dev)
                 if bool(cand.any()):
                     idx = cand.nonzero().flatten().tolist()
                     bank.pending = None
@@ -289,6 +354,7 @@ def train_edits(
                     for e, r in zip(idx, right.tolist(), strict=True):
                         if r:
                             active[e] = False
+                broadcast_([active], groups, dev)
                 if not bool(active.any()):
                     break
     finally:
@@ -297,6 +363,7 @@ def train_edits(
         model.train(was_training)
         for n, p in model.named_parameters():
             p.requires_grad_(flags.get(n, p.requires_grad))
+    broadcast_(ns.params(), groups, dev)  # the first rank's neurons, bitwise, on every rank
     right, a_clean = clean_check(list(range(n_edits)))
     with torch.no_grad():
         a_m = memory @ ns.keys.T + ns.key_bias

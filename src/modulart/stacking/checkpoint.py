@@ -7,7 +7,7 @@ Example:
     >>> d = tempfile.mkdtemp()
     >>> save_file({"emb": torch.ones(2), "layers.0.w": torch.zeros(2), "layers.1.w": torch.ones(2)},
     ...           d + "/model.safetensors")
-    >>> out = st.grow_checkpoint(d, d + "/grown", st.LayerPlan.stack(2, 2), progress=False)
+    >>> out = st.grow_checkpoint(d, tempfile.mkdtemp() + "/grown", st.LayerPlan.stack(2, 2), progress=False)
     >>> sorted(load_file(str(out / "model.safetensors")))
     ['emb', 'layers.0.w', 'layers.1.w', 'layers.2.w', 'layers.3.w']
 """
@@ -28,7 +28,7 @@ from typing import Any
 
 from modulart._version import __version__
 from modulart.core.errors import ConfigError, IncompatibleArtifactError
-from modulart.core.io import atomic_directory
+from modulart.core.io import atomic_directory, inside
 from modulart.stacking.blocks import block_info_by_name
 from modulart.stacking.hfconfig import depth_key, rewrite_config_dict
 from modulart.stacking.layout import layer_kinds
@@ -166,6 +166,7 @@ def source_config(source: Source) -> dict[str, Any] | None:
     path = source.root / "config.json"
     if not path.is_file():
         return None
+    inside(source.root, path.name)  # a symlink out of the folder is not read
     try:
         cfg = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -251,7 +252,10 @@ def grow_checkpoint(
         max_shard_size: cap of an output shard (``"2GB"``, bytes); a larger single tensor gets its own shard.
         blocks: tensor-name prefix of the block list (None: discovered, e.g. ``model.layers``).
         seed: recorded in the manifest (the supported operators are deterministic).
-        overwrite: replace an existing ``dst`` (atomically).
+        overwrite: replace an existing ``dst`` (atomically): an empty folder or a checkpoint grown by
+            modulart (files modulart did not write there are kept). A folder of other files is
+            refused even so (:class:`~modulart.core.errors.UnsafePathError`): shards, an index or a
+            ``config.json`` left beside the grown ones would change what loads.
         progress: show a progress bar (default: when stderr is a terminal).
         check: build the source and grown models from their configs with transformers (meta
             device, no weights) and compare them block by block, so a config key modulart does not
@@ -303,7 +307,8 @@ def grow_checkpoint(
     files = (
         ["model.safetensors"] if n_sh == 1 else [f"model-{k + 1:05d}-of-{n_sh:05d}.safetensors" for k in range(n_sh)]
     )
-    with atomic_directory(dst_p, sources=source.files) as tmp:
+    inputs = [*source.files, *([source.root] if Path(src).is_dir() else [])]  # a folder source: all of it
+    with atomic_directory(dst_p, sources=inputs, kind="checkpoint") as tmp:
         weight_map: dict[str, str] = {}
         for fname, shard in zip(files, shards, strict=True):
             entries = [(o.name, *source.names[o.source][:2], source.nbytes(o.source)) for o in shard]
@@ -342,7 +347,7 @@ def grow_checkpoint(
                 and not f.name.startswith(".")
                 and (whole_dir or any(fnmatch.fnmatch(f.name, pat) for pat in COMPANION_FILES))
             ):
-                shutil.copy2(f, tmp / f.name)
+                shutil.copy2(inside(source.root, f.name), tmp / f.name)
                 copied.append(f.name)
         overall = hashlib.blake2b(digest_size=16)
         for n in sorted(digests):

@@ -24,13 +24,14 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import nn
 
-from modulart.core.errors import ConfigError
+from modulart.core.errors import ConfigError, ShardedModelError
 from modulart.core.operator import OperatorConfig, option
 from modulart.stacking.blocks import block_info, find_block_list, place_first_block_copy, reindex_block
 from modulart.stacking.hfconfig import rewrite_config
@@ -65,9 +66,12 @@ class GrowthConfig(OperatorConfig):
         self.require(self.blocks is None or isinstance(self.blocks, str), "blocks", "must be a dotted path or None")
         self.require(isinstance(self.seed, int), "seed", "must be an int")
         self.require(isinstance(self.ramp_steps, int) and self.ramp_steps >= 0, "ramp_steps", "must be an int >= 0")
-        self.require(self.init_std is None or self.init_std > 0, "init_std", "must be > 0 or None")
+        std = self.init_std
+        ok_std = std is None or (isinstance(std, (int, float)) and math.isfinite(std) and std > 0)
+        self.require(ok_std, "init_std", "must be a finite number > 0 or None")
         self.require(isinstance(self.learn_steps, int) and self.learn_steps >= 0, "learn_steps", "must be >= 0")
-        self.require(self.learn_lr > 0, "learn_lr", "must be > 0")
+        ok_lr = isinstance(self.learn_lr, (int, float)) and math.isfinite(self.learn_lr) and self.learn_lr > 0
+        self.require(ok_lr, "learn_lr", "must be a finite number > 0")
 
 
 def resolve_plan(plan: LayerPlan | int, num_layers: int) -> LayerPlan:
@@ -115,6 +119,31 @@ def _rewrite_stack_configs(grown: nn.Module, path: str, plan: LayerPlan) -> None
             rewrite_config(own, plan, ".".join(parts[i:]), check=False)
 
 
+def _unwrap_data_parallel(model: nn.Module) -> tuple[nn.Module, Any]:
+    """The module inside a ``DistributedDataParallel`` / ``DataParallel`` wrapper, and DDP's process group.
+
+    Raises:
+        ShardedModelError: the model is sharded (FSDP2 ``DTensor`` parameters or an FSDP
+            wrapper): growth copies whole blocks, so it needs the unsharded model.
+    """
+    group = None
+    while any(c.__name__ in ("DistributedDataParallel", "DataParallel") for c in type(model).__mro__):
+        group = getattr(model, "process_group", group)
+        inner = getattr(model, "module", None)
+        if not isinstance(inner, nn.Module):
+            break
+        model = inner
+    sharded = any(c.__name__ in ("FSDPModule", "FullyShardedDataParallel") for c in type(model).__mro__) or any(
+        any(c.__name__ == "DTensor" for c in type(p).__mro__) for p in model.parameters()
+    )
+    if sharded:
+        raise ShardedModelError(
+            f"grow(): the {type(model).__name__} is sharded (FSDP); growth copies whole blocks, so grow the unsharded "
+            "model first and then fully_shard the grown one (grow, then shard)"
+        )
+    return model, group
+
+
 def grow(
     model: nn.Module,
     plan: LayerPlan | int,
@@ -139,8 +168,15 @@ def grow(
     with the source (a ``UserWarning`` names where they were); hooks that are callable objects are
     copied with their module, and state-dict hooks are kept.
 
+    Distributed training: grow the whole model on every rank, then wrap the grown one (a new
+    ``DistributedDataParallel``, or ``fully_shard``). A DDP-wrapped source is grown from the module
+    inside (the result is not wrapped), and with ``operator="learn"`` the mixing coefficients'
+    gradients are then averaged over DDP's process group, so every rank fits the same mix on the
+    union of the ranks' batches. A sharded (FSDP) source is refused.
+
     Args:
-        model: the source model (any ``nn.Module`` with a homogeneous block list).
+        model: the source model (any ``nn.Module`` with a homogeneous block list; a DDP wrapper is
+            peeled).
         plan: a :class:`LayerPlan`, or an int growth factor (G_stack of all layers).
         config: a :class:`GrowthConfig` (``operator``, ``blocks``, ``seed``...); keyword
             overrides are applied on top.
@@ -156,6 +192,7 @@ def grow(
         ConfigError: bad plan / config (before anything is built).
         CompositionError: the source carries live modulart hooks (the message names the
             operators); remove them first.
+        ShardedModelError: the source is sharded by FSDP (grow first, then shard).
         UnsupportedModuleError: no block list, or (``zero``) a block without known outputs.
     """
     unknown = sorted(set(overrides) - set(GrowthConfig.field_help()))
@@ -164,6 +201,7 @@ def grow(
             f"grow() got unknown options {unknown}; GrowthConfig fields: {sorted(GrowthConfig.field_help())}"
         )
     cfg = GrowthConfig.from_dict({**(config.to_dict() if config else {}), **overrides})
+    model, group = _unwrap_data_parallel(model)
     refuse_live_hooks(model, "grow()")
     path, source_blocks = find_block_list(model, cfg.blocks)
     plan = resolve_plan(plan, len(source_blocks))
@@ -213,6 +251,6 @@ def grow(
         from modulart.stacking.learn import learn_mix
 
         assert loss_fn is not None
-        learn_mix(grown, path, source_blocks, plan, loss_fn, steps=cfg.learn_steps, lr=cfg.learn_lr)
+        learn_mix(grown, path, source_blocks, plan, loss_fn, steps=cfg.learn_steps, lr=cfg.learn_lr, group=group)
     grown.train(model.training)
     return grown

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from modulart.core.errors import ShapeError
+from modulart.core.errors import NonFiniteError, ShapeError
 from modulart.stacking.plan import LayerPlan
 
 __all__ = ["learn_mix"]
@@ -64,6 +64,7 @@ def learn_mix(
     *,
     steps: int = 100,
     lr: float = 1e-2,
+    group: Any = None,
 ) -> torch.Tensor:
     """Fit the mixing matrix and write the mixed weights into ``grown`` (in place).
 
@@ -74,6 +75,8 @@ def learn_mix(
         plan: the plan ``grown`` was built with (the initial mix).
         loss_fn: ``loss_fn(model) -> scalar``; ``model`` behaves like ``grown`` with mixed weights.
         steps: Adam steps; lr: learning rate.
+        group: a process group (DDP's) over which the mixing matrix's gradient is averaged every
+            step, so that every rank fits the same matrix on its own share of the batch; None: local.
 
     Returns:
         The fitted mixing matrix ``[grown_layers, source_layers]``.
@@ -107,10 +110,18 @@ def learn_mix(
 
     wrapper = _Mixed(grown, params)
     opt = torch.optim.Adam([mix], lr=lr)
-    for _ in range(steps):
+    for step in range(steps):
         loss = loss_fn(wrapper)
         opt.zero_grad(set_to_none=True)
         torch.autograd.backward(loss)
+        if group is not None and mix.grad is not None:
+            torch.distributed.all_reduce(mix.grad, group=group)
+            mix.grad /= torch.distributed.get_world_size(group)
+        if not (bool(torch.isfinite(loss.detach()).all()) and (mix.grad is None or bool(mix.grad.isfinite().all()))):
+            raise NonFiniteError(
+                f"learn_mix: loss_fn gave a NaN or inf loss ({float(loss.detach().float().sum())}) or gradient "
+                f"at step {step}; the source model is unchanged (check the batch and learn_lr)"
+            )
         opt.step()
     with torch.no_grad():
         final = params()

@@ -36,7 +36,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from modulart.core.errors import ConfigError, UnsupportedModuleError
+from modulart.core.errors import ConfigError, InvalidArgumentError, UnsupportedModuleError
 from modulart.stacking.blocks import find_block_list
 from modulart.stacking.plan import LayerPlan
 
@@ -101,6 +101,8 @@ def grow_optimizer(
     """
     if policy not in POLICIES:
         raise ConfigError(f"policy = {policy!r}: must be one of {POLICIES}")
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise InvalidArgumentError(f"optimizer: expected a torch.optim.Optimizer, got {type(optimizer).__name__}")
     path, small_blocks = find_block_list(small, blocks)
     _, big_blocks = find_block_list(big, path)
     plan.check_source(len(small_blocks), "small model")

@@ -23,6 +23,7 @@ from typing import Any, BinaryIO
 import torch
 
 from modulart.core.errors import ConfigError, IncompatibleArtifactError
+from modulart.core.io import inside, recover
 from modulart.stacking.sfio import DTYPE_NAMES, SafetensorsFile
 
 __all__ = ["Source", "block_prefix", "find_prefix", "open_source"]
@@ -103,6 +104,9 @@ def open_source(path: str | os.PathLike[str]) -> Source:
     Raises:
         IncompatibleArtifactError: missing files, a truncated shard, an index naming a tensor its
             shard does not hold (all before anything is written).
+        UnsafePathError: the index names a file outside the folder (``../x``, an absolute path, a
+            symlink that resolves outside), or a ``*.safetensors`` file is such a symlink; raised
+            before any shard is read.
     """
     p = Path(path)
     if p.is_file():
@@ -121,17 +125,25 @@ def open_source(path: str | os.PathLike[str]) -> Source:
         else:
             raise IncompatibleArtifactError(f"{p}: unsupported checkpoint file type {p.suffix!r}")
         return src
+    recover(p)  # a growth into this folder that was killed: put the old checkpoint back, drop temp folders
     if not p.is_dir():
         raise IncompatibleArtifactError(f"{p}: no such checkpoint file or directory")
     index = p / INDEX_NAME
     if index.is_file():
+        inside(p, INDEX_NAME)
         try:
             weight_map: dict[str, str] = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
         except (json.JSONDecodeError, KeyError, TypeError) as e:
             raise IncompatibleArtifactError(f"{index}: not a valid index ({e})") from None
+        if not isinstance(weight_map, dict):
+            raise IncompatibleArtifactError(f"{index}: 'weight_map' must be an object, got {type(weight_map).__name__}")
         by_file: dict[str, set[str]] = {}
         for name, fname in weight_map.items():
+            if not isinstance(fname, str):
+                raise IncompatibleArtifactError(f"{index}: tensor {name!r} maps to {fname!r}, not a file name")
             by_file.setdefault(fname, set()).add(name)
+        for fname in sorted(by_file):  # before any shard is opened
+            inside(p, fname, index=index)
         src = Source(p, [p / f for f in sorted(by_file)])
         for fname, names in sorted(by_file.items()):
             if not (p / fname).is_file():
@@ -145,6 +157,8 @@ def open_source(path: str | os.PathLike[str]) -> Source:
     files = sorted(p.glob("*.safetensors"))
     if not files:
         raise IncompatibleArtifactError(f"{p}: no {INDEX_NAME} and no *.safetensors file")
+    for fp in files:  # a symlink out of the folder is refused before anything is read
+        inside(p, fp.name)
     src = Source(p, files)
     for fp in files:
         sf = SafetensorsFile(fp)

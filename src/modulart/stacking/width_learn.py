@@ -26,6 +26,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from modulart.core.errors import NonFiniteError
 from modulart.core.ffn import find_ffns
 from modulart.core.linear import LinearRef, is_conv1d
 from modulart.stacking.learn import _Mixed
@@ -76,10 +77,18 @@ def learn_ffn_width(
 
     wrapper = _Mixed(grown, params)
     opt = torch.optim.Adam(expansions, lr=lr)
-    for _ in range(steps):
+    for step in range(steps):
         loss = loss_fn(wrapper)
         opt.zero_grad(set_to_none=True)
         torch.autograd.backward(loss)
+        if not (
+            bool(torch.isfinite(loss.detach()).all())
+            and all(bool(e.grad.isfinite().all()) for e in expansions if e.grad is not None)
+        ):
+            raise NonFiniteError(
+                f"learn_ffn_width: loss_fn gave a NaN or inf loss ({float(loss.detach().float().sum())}) or "
+                f"gradient at step {step}; the source model is unchanged (check the batch and learn_lr)"
+            )
         opt.step()
     with torch.no_grad():
         for name, value in params().items():
