@@ -36,6 +36,7 @@ from torch import nn
 import modulart as mt
 import scale_operator
 from families import Family, build
+from model_state import assert_restored, snapshot
 from modulart.core.sharing import live_hooks
 from zoo import main_output as _main
 
@@ -90,57 +91,17 @@ def _exercise(handle: mt.Handle[Any], fam: Family) -> None:
 
 
 # --- snapshots --------------------------------------------------------------------------------------
-_MODULE_HOOK_DICTS = (
-    "_forward_hooks",
-    "_forward_pre_hooks",
-    "_backward_hooks",
-    "_backward_pre_hooks",
-    "_forward_hooks_with_kwargs",
-    "_forward_pre_hooks_with_kwargs",
-    "_state_dict_hooks",
-    "_state_dict_pre_hooks",
-    "_load_state_dict_pre_hooks",
-    "_load_state_dict_post_hooks",
-)
-
-
 def _output(fam: Family) -> torch.Tensor:
     return _main(fam.run()).detach().clone()
 
 
-def _snapshot(model: nn.Module) -> dict[str, Any]:
-    return {
-        "state": {k: v.detach().clone() for k, v in model.state_dict().items()},
-        "params": [(n, p.requires_grad) for n, p in model.named_parameters()],
-        "classes": [(n, type(m)) for n, m in model.named_modules()],
-        "hooks": [
-            (n, attr, list(getattr(m, attr, {}))) for n, m in model.named_modules() for attr in _MODULE_HOOK_DICTS
-        ],
-        "param_hooks": [
-            (n, list(p._backward_hooks or {}), list(getattr(p, "_post_accumulate_grad_hooks", None) or {}))
-            for n, p in model.named_parameters()
-        ],
-    }
-
-
-def _assert_same(model: nn.Module, before: dict[str, Any]) -> None:
-    now = _snapshot(model)
-    assert now["params"] == before["params"], "requires_grad flags or parameter names changed"
-    assert now["classes"] == before["classes"], "module classes changed"
-    assert now["hooks"] == before["hooks"], "a hook dict changed"
-    assert now["param_hooks"] == before["param_hooks"], "a parameter hook changed"
-    assert list(now["state"]) == list(before["state"]), "state-dict keys changed"
-    for k, v in before["state"].items():
-        assert torch.equal(now["state"][k], v), f"{k} changed"
-
-
 def _apply(op: str, fam: Family) -> mt.Handle[Any] | None:
     """Apply ``op`` (exercised); None when the operator refuses the family, typed and without a trace."""
-    before = _snapshot(fam.model)
+    before = snapshot(fam.model)
     try:
         handle = mt.apply(fam.model, _config(op))
     except mt.ModulartError:
-        _assert_same(fam.model, before)
+        assert_restored(fam.model, before)
         return None
     _exercise(handle, fam)
     return handle
@@ -151,14 +112,14 @@ def _apply(op: str, fam: Family) -> mt.Handle[Any] | None:
 @pytest.mark.parametrize("op", OPERATORS)
 def test_apply_remove_restores_everything(op: str, family: str) -> None:
     fam = build(family)
-    base, before = _output(fam), _snapshot(fam.model)
+    base, before = _output(fam), snapshot(fam.model)
     handle = _apply(op, fam)
     if handle is None:
         pytest.skip(f"{op} refuses {family} (typed, without a trace)")
     assert isinstance(handle, mt.get_operator(op).handle_class)
     handle.remove()
     assert handle.removed and not live_hooks([fam.model], subtree=True)
-    _assert_same(fam.model, before)
+    assert_restored(fam.model, before)
     assert torch.equal(_output(fam), base)
     handle.remove()  # idempotent
 
@@ -190,12 +151,12 @@ def test_merge_preserves_outputs_or_refuses(op: str, family: str) -> None:
     handle = _apply(op, fam)
     if handle is None:
         pytest.skip(f"{op} refuses {family}")
-    applied, before = _output(fam), _snapshot(fam.model)
+    applied, before = _output(fam), snapshot(fam.model)
     try:
         merged = handle.merge_()
     except mt.UnsupportedOperationError:
         assert not handle.removed
-        _assert_same(fam.model, before)
+        assert_restored(fam.model, before)
         assert torch.equal(_output(fam), applied)
         handle.remove()
         return
@@ -210,25 +171,25 @@ def test_every_pair_composes_or_refuses_and_removes_in_any_order(family: str) ->
     for first, second in itertools.permutations(OPERATORS, 2):
         for reverse in (False, True):
             fam = build(family)
-            base, before = _output(fam), _snapshot(fam.model)
+            base, before = _output(fam), snapshot(fam.model)
             a = _apply(first, fam)
             if a is None:
                 continue
-            after_a, snap_a = _output(fam), _snapshot(fam.model)
+            after_a, snap_a = _output(fam), snapshot(fam.model)
             try:
                 b = mt.apply(fam.model, _config(second))
             except mt.ModulartError:  # a typed refusal is allowed, but it must leave no trace
-                _assert_same(fam.model, snap_a)
+                assert_restored(fam.model, snap_a)
                 assert torch.equal(_output(fam), after_a), f"{second} refused after {first} but left a trace"
                 a.remove()
-                _assert_same(fam.model, before)
+                assert_restored(fam.model, before)
                 continue
             _ = _output(fam)  # both run together
             for h in (a, b) if not reverse else (b, a):
                 h.remove()
             label = f"{first} then {second}, removed {'in reverse' if reverse else 'in order'}"
             assert not live_hooks([fam.model], subtree=True), label
-            _assert_same(fam.model, before)
+            assert_restored(fam.model, before)
             assert torch.equal(_output(fam), base), label
 
 
@@ -308,10 +269,10 @@ def test_config_json_unknown_keys_and_versions(op: str, tmp_path: Path) -> None:
     meta["config"]["version"] = cls.schema_version() + 1
     meta["library_version"] = "9.9"
     meta_path.write_text(json.dumps(meta))
-    before = _snapshot(fam.model)
+    before = snapshot(fam.model)
     with pytest.raises(mt.IncompatibleArtifactError, match=r"written by modulart 9\.9"):
         mt.load(fam.model, tmp_path / "art")
-    _assert_same(fam.model, before)
+    assert_restored(fam.model, before)
 
 
 def test_registering_a_taken_name_raises_unless_override() -> None:

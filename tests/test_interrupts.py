@@ -19,6 +19,7 @@ from torch import nn
 
 import modulart as mt
 from families import Family, build, tiny_llama
+from model_state import assert_restored, snapshot
 from modulart.core import dispatch, flags, grad_mask, sharing
 from modulart.core.sharing import live_hooks
 from modulart.kv import handle as kv_handle
@@ -33,46 +34,6 @@ STEP_SITES: list[tuple[Any, str]] = [
     (grad_mask.GradientMasker, "remove"),
     (nn.Module, "set_submodule"),
 ]
-
-_HOOK_DICTS = (
-    "_forward_hooks",
-    "_forward_pre_hooks",
-    "_backward_hooks",
-    "_backward_pre_hooks",
-    "_forward_hooks_with_kwargs",
-    "_forward_pre_hooks_with_kwargs",
-    "_state_dict_hooks",
-    "_state_dict_pre_hooks",
-    "_load_state_dict_pre_hooks",
-    "_load_state_dict_post_hooks",
-)
-
-
-def snapshot(model: nn.Module) -> dict[str, Any]:
-    """State dict, flags, module classes and every hook dict of ``model``."""
-    return {
-        "state": {k: v.detach().clone() for k, v in model.state_dict().items()},
-        "params": [(n, p.requires_grad) for n, p in model.named_parameters()],
-        "classes": [(n, type(m)) for n, m in model.named_modules()],
-        "hooks": [(n, a, list(getattr(m, a, {}))) for n, m in model.named_modules() for a in _HOOK_DICTS],
-        "param_hooks": [
-            (n, list(p._backward_hooks or {}), list(getattr(p, "_post_accumulate_grad_hooks", None) or {}))
-            for n, p in model.named_parameters()
-        ],
-    }
-
-
-def assert_restored(model: nn.Module, before: dict[str, Any]) -> None:
-    now = snapshot(model)
-    assert now["params"] == before["params"], "requires_grad flags or parameter names changed"
-    assert now["classes"] == before["classes"], "module classes changed"
-    assert now["hooks"] == before["hooks"], "a hook dict changed"
-    assert now["param_hooks"] == before["param_hooks"], "a parameter hook changed"
-    assert list(now["state"]) == list(before["state"]), "state-dict keys changed"
-    for k, v in before["state"].items():
-        assert torch.equal(now["state"][k], v), f"{k} changed"
-    assert not live_hooks([model], subtree=True), "modulart hooks left on the model"
-    assert not any(m in sharing._CLAIMS for m in model.modules()), "claims left on the model"
 
 
 class Interrupt:
@@ -101,6 +62,13 @@ class Interrupt:
 
     def undo(self) -> None:
         self.monkeypatch.undo()
+
+
+def assert_removed(model: nn.Module, before: dict[str, Any]) -> None:
+    """:func:`assert_restored`, and no modulart hook or claim left anywhere on ``model``."""
+    assert_restored(model, before)
+    assert not live_hooks([model], subtree=True), "modulart hooks left on the model"
+    assert not any(m in sharing._CLAIMS for m in model.modules()), "claims left on the model"
 
 
 def _edit(h: mt.Handle[Any], fam: Family) -> None:
@@ -150,7 +118,7 @@ def _points(case: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[int]:
     h.remove()
     counter.undo()
     assert h.removed
-    assert_restored(fam.model, before)
+    assert_removed(fam.model, before)
     assert counter.calls > 0, f"{case}: remove() went through none of the step sites"
     return iter(range(counter.calls))
 
@@ -169,7 +137,7 @@ def test_remove_interrupted_at_every_step_is_retried(case: str, monkeypatch: pyt
             assert h.removed
             where = f"{case}: interrupt at step {k} ({'after' if after else 'before'}, {exc.__name__})"
             try:
-                assert_restored(fam.model, before)
+                assert_removed(fam.model, before)
             except AssertionError as e:
                 raise AssertionError(f"{where}: {e}") from None
             assert torch.equal(fam.run().logits, out), f"{where}: outputs differ"
