@@ -102,7 +102,7 @@ def classification(n_edits: int, log: Any) -> dict[str, Any]:
         "test": [(enc([s]), y) for s, y in loc_test],
     }
     memory = [enc([s for s, _ in train[i : i + 64]]) for i in range(0, len(train), 64)]
-    cfg = mp.PatcherConfig.reference("classification")
+    cfg = mp.PatcherConfig(task="classification")
     out: dict[str, Any] = {"train_accuracy": train_acc, "mistakes": len(mistakes), "pool": len(pool)}
     out |= compare(clf, edits, sets, cfg, memory, {"lr": 1e-4, "max_steps": 100}, log)
     out["overhead"] = overhead(clf, enc([s for s, _ in loc_test[:32]]), memory[0], "classification", log)
@@ -226,7 +226,7 @@ def generation(n_edits: int, lm_steps: int, log: Any) -> dict[str, Any]:
     # memory: ordinary inputs = prompts (every template) of the in-memory facts + training prose
     memory = [ids(TEMPLATES[r][k].format(s=s))[None] for s, r, _ in in_memory for k in range(3)]
     memory += [ids(x)[None] for x in data["train_lines"][-300:] if len(x.split()) >= 2]
-    cfg = mp.PatcherConfig.reference("generation", memory_size=6000)
+    cfg = mp.PatcherConfig(task="generation", memory_size=6000)
     out: dict[str, Any] = {"fact_accuracy": float(right.float().mean()), "lm_train_seconds": train_s}
     out |= compare(model, edits, sets, cfg, memory, {"lr": 1e-4, "max_steps": 100, "smoothing": 0.1}, log)
     batch = torch.stack([ids(TEMPLATES["capital"][0].format(s=f"land{i}")) for i in range(32)])

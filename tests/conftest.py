@@ -1,10 +1,12 @@
-"""Shared test set-up: offline mode, hypothesis profiles, deterministic torch."""
+"""Shared test set-up: offline mode, hypothesis profiles, deterministic torch, fidelity records."""
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -47,3 +49,46 @@ def one_rank_group() -> Iterator[None]:
         yield
     finally:
         dist.destroy_process_group()
+
+
+# --- fidelity records -------------------------------------------------------------------------------
+# Tests comparing a reference preset with an independent re-implementation of the paper's code call
+# ``agreement(operator, aspect, measured, tol)``: it asserts ``measured <= tol`` and records the number.
+# ``python -m pytest tests/test_fidelity_*.py --fidelity-json=fidelity.json`` writes every record and
+# prints them as the "agreement measured" column of docs/fidelity.md.
+
+_FIDELITY: list[dict[str, object]] = []
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--fidelity-json", default=None, help="write the measured reference agreements to this file")
+
+
+Agreement = Callable[[str, str, float, float], None]
+
+
+@pytest.fixture
+def agreement(request: pytest.FixtureRequest) -> Agreement:
+    """``agreement(operator, aspect, measured, tol)``: assert ``measured <= tol`` and record it."""
+
+    def check(operator: str, aspect: str, measured: float, tol: float) -> None:
+        value = float(measured)
+        _FIDELITY.append(
+            {"operator": operator, "aspect": aspect, "measured": value, "tol": tol, "test": request.node.nodeid}
+        )
+        assert math.isfinite(value) and value <= tol, (
+            f"{operator} / {aspect}: measured {value:.3g} > tolerance {tol:.3g}"
+        )
+
+    return check
+
+
+def pytest_terminal_summary(terminalreporter: object, config: pytest.Config) -> None:
+    path = config.getoption("--fidelity-json")
+    if not path or not _FIDELITY:
+        return
+    Path(path).write_text(json.dumps(_FIDELITY, indent=1) + "\n")
+    write = terminalreporter.write_line  # type: ignore[attr-defined]
+    write(f"fidelity: {len(_FIDELITY)} agreements -> {path}")
+    for r in sorted(_FIDELITY, key=lambda r: (str(r["operator"]), str(r["aspect"]))):
+        write(f"  {r['operator']:<11} {r['aspect']:<60} {float(r['measured']):.3g}  (tol {float(r['tol']):.3g})")  # type: ignore[arg-type]

@@ -457,6 +457,12 @@ EMOE_CFG = [
     ("balance_loss_weight", -0.1, ""),
     ("seed", "zero", ""),
     ("start", 1.5, ""),
+    ("balance_loss", "l2", ""),
+    ("capacity_factor", 0.0, ""),
+    ("capacity_factor", NAN, ""),
+    ("per_expert_bias", "yes", ""),
+    ("dropout", 1.0, ""),
+    ("dropout", NAN, ""),
 ]
 
 KV_CFG = [
@@ -474,6 +480,8 @@ KV_CFG = [
     ("lora_dropout", NAN, ""),
     ("train_biases", "yes", ""),
     ("seed", 1.5, ""),
+    ("extra_lora", [""], ""),
+    ("extra_lora", "q_proj", ""),
 ]
 
 MIGU_CFG = [
@@ -511,6 +519,14 @@ PATCHER_CFG = [
     ("label_smoothing", 1.0, ""),
     ("progress", "yes", ""),
     ("layer", "", ""),
+    ("memory_loss", "views", ""),
+    ("pool_neurons", 1, ""),
+    ("entropy_weight", -0.1, ""),
+    ("lr_schedule", "cosine", ""),
+    ("stop_rule", "never", ""),
+    ("check_every", 0, ""),
+    ("check_start", -1, ""),
+    ("memory_update", "all", ""),
 ]
 
 

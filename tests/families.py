@@ -182,8 +182,11 @@ def build(name: str, seed: int = 0) -> Family:
     raise KeyError(name)
 
 
-def tiny_llama(seed: int = 0, vocab_size: int = 100) -> nn.Module:
-    """A 2-layer Llama (d_model 32, d_ff 64, 4 heads, 2 KV heads) with the library's own initialisation."""
+def tiny_llama(seed: int = 0, vocab_size: int = 100, **config: Any) -> nn.Module:
+    """A 2-layer Llama (d_model 32, d_ff 64, 4 heads, 2 KV heads) with the library's own initialisation.
+
+    ``config``: further ``LlamaConfig`` fields (e.g. ``mlp_bias=True``).
+    """
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     torch.manual_seed(seed)
@@ -194,6 +197,7 @@ def tiny_llama(seed: int = 0, vocab_size: int = 100) -> nn.Module:
         num_attention_heads=4,
         num_key_value_heads=2,
         vocab_size=vocab_size,
+        **config,
     )
     return AutoModelForCausalLM.from_config(cfg, attn_implementation="eager").eval()
 

@@ -282,12 +282,16 @@ def test_generic_load_round_trip_with_two_patches(tmp_path: Path) -> None:
 def test_include_memory_round_trip(tmp_path: Path) -> None:
     s, p = _edited_plain(1)
     assert p.memory is not None
+    p.set_validation_memory(s.memory[:1])
     p.save(tmp_path / "mem", include_memory=True)
     assert "memory" not in p.state_dict()  # the option holds for that save only
+    assert "validation_memory" not in p.state_dict()
     p.remove()
     q = mp.PatcherHandle.load(s.model, tmp_path / "mem")
     try:
         assert q.memory is not None and torch.equal(q.memory, p.memory)
+        assert q.validation_memory is not None and p.validation_memory is not None
+        assert torch.equal(q.validation_memory, p.validation_memory)
         assert q.edit(*s.edits[1]).success  # editing continues without set_memory
     finally:
         q.remove()
@@ -560,3 +564,49 @@ def test_unreachable_margins_stop_once_the_loss_settles() -> None:
     assert r.margins[0]["edit_activation"] == pytest.approx(r.margins[0]["max_memory_activation"], abs=1e-4)
     assert r.steps < 1000, r.steps  # without the settling rule it runs to the cap
     p.remove()
+
+
+class _ToyClassifier(torch.nn.Module):
+    """Embeddings -> one FFN (residual) -> logits read at position 0."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = torch.nn.Embedding(50, 16)
+        self.ffn = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.GELU(), torch.nn.Linear(32, 16))
+        self.head = torch.nn.Linear(16, 3)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        h = self.emb(ids)
+        return self.head((h + self.ffn(h))[:, 0])  # type: ignore[no-any-return]
+
+
+def test_stop_rule_judges_the_neurons_it_stores() -> None:
+    """The margins that stop an edit are those of the stored neurons, not of the ones before the last step.
+
+    With memory_weight = 0 the silence margin beta only enters the stop check, so training runs the same
+    for every beta. A first run (beta out of reach) gives the memory activation the edit stops at; a second
+    run with beta just below it must not stop there (before the fix it did, after one more optimizer step
+    had pushed the memory activation past beta: a stored silence margin of -1e-4).
+    """
+    torch.manual_seed(0)
+    model = _ToyClassifier().eval()
+    x = torch.tensor([3, 4, 5, 6])
+    y = (int(model(x[None]).argmax()) + 1) % 3
+    kw = {"memory_weight": 0.0, "edit_margin": 0.5, "views": 1, "dropout_views": False, "stop_patience": 10**6}
+
+    def edit(beta: float) -> mp.EditResult:
+        p = mp.apply(model, task="classification", max_steps=300, silence_margin=beta, **kw)
+        p.memory = torch.zeros(1, 16)  # its activation is the new neuron's bias: it rises as the edit trains
+        try:
+            return p.edit(x, y)
+        finally:
+            p.remove()
+
+    first = edit(10.0)
+    assert first.success and 0 < first.steps < 300
+    top = first.margins[0]["max_memory_activation"]
+    second = edit(top - 1e-4)
+    assert second.steps != first.steps or second.margins[0]["silence_margin"] >= 0
+    for r in (first, second):
+        if r.success and r.steps < 300:
+            assert all(m["silence_margin"] >= 0 and m["edit_margin"] >= 0 for m in r.margins), r.margins

@@ -1,3 +1,3 @@
 """The library version (single source of truth, read by hatch)."""
 
-__version__ = "0.3.0"
+__version__ = "0.4.0"

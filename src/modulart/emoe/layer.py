@@ -14,6 +14,16 @@ Both executors work through hooks on the FFN view's sites; the model's modules a
   <modulart.emoe.EMoE>` claims the FFN's subtree for a sparse layer
   (:func:`modulart.core.sharing.claim`): they are refused with a ``CompositionError``.
 
+Options of the reference code's BERT/GPT-2 path (off by default):
+
+- ``capacity_factor``: assignments beyond an expert's capacity are dropped
+  (:func:`~modulart.emoe.routing.capacity_keep`); the token gets nothing from that expert.
+- ``per_expert_bias``: every expert has its own copy ``B_e`` of the output bias (``[N, d_model]``,
+  an :class:`ExpertBias` registered in the output projection while converted; it trains in place of
+  ``b_out``, which is frozen meanwhile); the output is ``y = (m(x) ⊙ h) W_outᵀ + Σ_{e kept} B_e``.
+- ``dropout``: in training, ``σ(dropout_p(x W_inᵀ + b_in))`` (a hook on the first layer's output
+  for the masked executor; inside the computation for the sparse one).
+
 Example:
     >>> import torch, modulart as mt
     >>> from modulart.emoe.layer import ConvertedFFN
@@ -32,19 +42,64 @@ from __future__ import annotations
 import math
 import threading
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from modulart.core.errors import HookError
 from modulart.core.ffn import FFN
-from modulart.core.hooks import HookRegistry, Priority
+from modulart.core.hooks import HookRegistry, HookSite, Priority
 from modulart.core.unwrap import active_ddp_wrapper
-from modulart.emoe.config import EMoEConfig
+from modulart.emoe.config import HIDDEN_ROUTERS, EMoEConfig
 from modulart.emoe.ranks import broadcast_from_first, is_dtensor, whole
-from modulart.emoe.routing import ExpertGroups, balance_loss, select_topk, selection_mask
+from modulart.emoe.routing import (
+    ExpertGroups,
+    balance_loss,
+    capacity_keep,
+    expert_capacity,
+    reference_balance_loss,
+    select_topk,
+    selection_mask,
+)
 
-__all__ = ["ConvertedFFN", "RoutingStats"]
+__all__ = ["ConvertedFFN", "ExpertBias", "RoutingStats"]
+
+
+class ExpertBias(nn.Module):
+    """The per-expert copies of one FFN's output bias (``per_expert_bias=True``).
+
+    Registered in the FFN's output projection module while EMoE is applied, so ``model.parameters()`` (and the
+    optimizer built from it) includes :attr:`weight`; marked modulart-owned, so fingerprints leave
+    it out. Removed with the handle.
+
+    Args:
+        bias: ``[d_model]`` the FFN's output bias ``b_out``.
+        num_experts: ``N``.
+        top_k: ``k``: every copy starts at ``b_out / k``, so a token whose ``k`` experts are all kept
+            gets ``b_out`` exactly until the copies are trained.
+        requires_grad: whether the copies train.
+
+    Attributes:
+        weight: ``[N, d_model]`` parameter.
+
+    Example:
+        >>> import torch
+        >>> copies = ExpertBias(torch.tensor([4.0, -2.0]), num_experts=3, top_k=2, requires_grad=True)
+        >>> copies.weight.tolist()
+        [[2.0, -1.0], [2.0, -1.0], [2.0, -1.0]]
+    """
+
+    _modulart_owned: ClassVar[bool] = True
+
+    def __init__(self, bias: torch.Tensor, num_experts: int, top_k: int, *, requires_grad: bool) -> None:
+        super().__init__()
+        init = (bias.detach() / top_k).unsqueeze(0).repeat(num_experts, 1)
+        self.weight = nn.Parameter(init, requires_grad=requires_grad)
+
+    def extra_repr(self) -> str:
+        return f"experts={self.weight.shape[0]}, d_model={self.weight.shape[1]}"
 
 
 @dataclass(frozen=True)
@@ -57,12 +112,15 @@ class RoutingStats:
         entropy: entropy of ``load`` divided by ``log N`` (1 = perfectly even use).
         stability: ``1 - total variation distance`` between this ``load`` and the previous call's
             (1 = the same usage; None on the first call).
+        dropped: fraction of the token -> expert assignments dropped by the capacity limit
+            (0 without ``capacity_factor``). ``load`` counts selections, dropped or not.
     """
 
     tokens: int
     load: list[float]
     entropy: float
     stability: float | None
+    dropped: float = 0.0
 
 
 class ConvertedFFN:
@@ -90,6 +148,13 @@ class ConvertedFFN:
         self.generator = torch.Generator(device=device).manual_seed(config.seed)
         self.counts = torch.zeros(config.num_experts, dtype=torch.long)
         self.tokens = 0
+        self.dropped = 0
+        self.bias: ExpertBias | None = None
+        if config.per_expert_bias:
+            b = ffn.value_bias
+            if b is None:
+                raise HookError(f"{ffn.path}: per_expert_bias needs an FFN output bias; this FFN has none")
+            self.bias = ExpertBias(b, config.num_experts, config.top_k, requires_grad=b.requires_grad)
         self.previous_load: torch.Tensor | None = None
         self.last_balance_loss: torch.Tensor | None = None
         self._local = threading.local()  # _q / _pending: in-flight state of each thread's forward
@@ -116,6 +181,16 @@ class ConvertedFFN:
     def _pending(self, value: torch.Tensor | None) -> None:
         self._local.pending = value
 
+    @property
+    def _kept(self) -> torch.Tensor | None:
+        """``[T, N]`` bool: the kept experts of this thread's forward (masked executor, per-expert bias)."""
+        sel: torch.Tensor | None = getattr(self._local, "kept", None)
+        return sel
+
+    @_kept.setter
+    def _kept(self, value: torch.Tensor | None) -> None:
+        self._local.kept = value
+
     def set_split(self, labels: torch.Tensor, centroids: torch.Tensor) -> None:
         """Replace the neuron -> expert labels and the frozen centroids (what a saved state restores)."""
         device = self.ffn.keys.device
@@ -124,19 +199,43 @@ class ConvertedFFN:
         self._weight_cache = None  # regrouped weights follow the labels
 
     # --- routing ------------------------------------------------------------------------------
+    def _group_mean(self, a: torch.Tensor) -> torch.Tensor:
+        """``a [T, d_ff] -> [T, N]``: the mean over each expert's neurons (fp32, differentiable)."""
+        sums = a.new_zeros(a.shape[0], self.config.num_experts).index_add(1, self.groups.labels.to(a.device), a)
+        return sums / self.groups.sizes.to(a.device, a.dtype)
+
     def scores(self, q: torch.Tensor, h: torch.Tensor | None = None) -> torch.Tensor:
-        """``q [T, d_model]`` (and ``h [T, d_ff]`` for ``oracle``) -> router scores ``[T, N]`` (fp32)."""
-        router = self.config.router
-        if router == "oracle":
+        """``q [T, d_model]`` (and ``h [T, d_ff]`` for ``oracle`` / ``inter``) -> router scores ``[T, N]`` (fp32).
+
+        With a balance loss (``balance_loss_weight > 0``) the scores carry the gradient of the FFN
+        input; that of the keys only with ``balance_loss="counts"`` (the reference's gate is a
+        separate tensor: ``"reference"`` detaches the keys).
+        """
+        cfg = self.config
+        router = cfg.router
+        if router in HIDDEN_ROUTERS:
             if h is None:
-                raise HookError(f"{self.ffn.path}: the oracle router needs the hidden activations")
-            return self.groups.expert_mass(h)
+                raise HookError(f"{self.ffn.path}: the {router} router needs the hidden activations")
+            return self.groups.expert_mass(h) if router == "oracle" else self._group_mean(h.detach().float())
         if router == "random":
-            return torch.rand(q.shape[0], self.config.num_experts, generator=self.generator, device=q.device)
-        qf = q.float() if self.config.balance_loss_weight > 0 else q.detach().float()
+            return torch.rand(q.shape[0], cfg.num_experts, generator=self.generator, device=q.device)
+        grad_q = cfg.balance_loss_weight > 0
+        grad_w = grad_q and cfg.balance_loss == "counts"
+        qf = q.float() if grad_q else q.detach().float()
         if router == "frozen":
             return qf @ self.frozen.t()
-        keys = self.ffn.keys if self.config.balance_loss_weight > 0 else self.ffn.keys.detach()
+        if router in ("up", "up_abs"):
+            up, ub = self.ffn.up, self.ffn.up_bias
+            if up is None:
+                raise HookError(f"{self.ffn.path}: the {router} router needs a gated FFN (an up projection)")
+            self._check_whole(up)
+            up = up if grad_w else up.detach()
+            ub = None if ub is None else (ub if grad_w else ub.detach()).float()
+            if router == "up":
+                s = qf @ self.groups.centroids(up).t()
+                return s if ub is None else s + self._group_mean(ub.unsqueeze(0))
+            return self._group_mean(F.linear(qf, up.float(), ub).abs())
+        keys = self.ffn.keys if grad_w else self.ffn.keys.detach()
         self._check_whole(keys)
         g = self.groups.centroids(keys)
         if router == "cosine":
@@ -170,18 +269,43 @@ class ConvertedFFN:
 
     def route(self, q: torch.Tensor, h: torch.Tensor | None = None) -> torch.Tensor:
         """Selected experts ``[T, k]`` for ``q [T, d_model]``; records telemetry and the balance loss."""
+        return self.dispatch(q, h)[0]
+
+    def dispatch(self, q: torch.Tensor, h: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Selected experts ``[T, k]`` (best first) and which of them are kept (``[T, k]`` bool, or None).
+
+        Scores, plus ``gate_noise · ε / N`` in training; top-k; the balance loss of the
+        configured kind (when ``balance_loss_weight > 0`` and gradients are on); the capacity
+        limit when ``capacity_factor`` is set (None: every selection is kept). Records telemetry.
+        """
         if not self.ranks_agree:
             self.agree_with_ddp()
-        s = self.scores(q, h)
-        if self.config.gate_noise > 0 and self.ffn.module.training:
+        cfg = self.config
+        clean = s = self.scores(q, h)
+        if cfg.gate_noise > 0 and self.ffn.module.training:
             noise = torch.randn(s.shape, generator=self.generator, device=s.device)
-            s = s + noise * (self.config.gate_noise / self.config.num_experts)
-        idx = select_topk(s.detach(), self.config.top_k)
-        if self.config.balance_loss_weight > 0 and torch.is_grad_enabled():
-            self.last_balance_loss = balance_loss(s, idx, self.config.num_experts)
-        self.counts += torch.bincount(idx.flatten().cpu(), minlength=self.config.num_experts)
+            s = s + noise * (cfg.gate_noise / cfg.num_experts)
+        idx = select_topk(s.detach(), cfg.top_k)
+        if cfg.balance_loss_weight > 0 and torch.is_grad_enabled():
+            if cfg.balance_loss == "reference":
+                self.last_balance_loss = reference_balance_loss(clean, s, idx, cfg.gate_noise)
+            else:
+                self.last_balance_loss = balance_loss(s, idx, cfg.num_experts)
+        keep: torch.Tensor | None = None
+        if cfg.capacity_factor is not None:
+            capacity = expert_capacity(int(idx.shape[0]), cfg.num_experts, cfg.top_k, cfg.capacity_factor)
+            keep = capacity_keep(F.softmax(s.detach().float(), dim=-1), idx, capacity)
+            self.dropped += int((~keep).sum())
+        self.counts += torch.bincount(idx.flatten().cpu(), minlength=cfg.num_experts)
         self.tokens += int(idx.shape[0])
-        return idx
+        return idx, keep
+
+    def kept_experts(self, idx: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
+        """``[T, N]`` bool: the experts each token uses (selected, and kept by the capacity limit)."""
+        if keep is None:
+            return selection_mask(idx, self.config.num_experts)
+        out = torch.zeros(idx.shape[0], self.config.num_experts, dtype=torch.bool, device=idx.device)
+        return out.scatter_(1, idx, keep)
 
     # --- hooks --------------------------------------------------------------------------------
     def install(self, registry: HookRegistry) -> None:
@@ -189,13 +313,36 @@ class ConvertedFFN:
         name = self.ffn.path
         if self.config.executor == "masked":
             registry.at(self.ffn.input_site, self._record_q, priority=Priority.INTERVENE, name=f"{name}:q")
+            if self.config.dropout > 0:
+                key = self.ffn.key_proj
+                site = HookSite(key.module, key.path, "forward")
+                registry.at(site, self._dropout, priority=Priority.INTERVENE, name=f"{name}:dropout")
             registry.at(self.ffn.hidden_site, self._mask_hidden, priority=Priority.INTERVENE, name=f"{name}:mask")
+            if self.bias is not None:
+                bias_name = f"{name}:bias"
+                registry.at(self.ffn.output_site, self._add_expert_bias, priority=Priority.INTERVENE, name=bias_name)
         else:
             registry.at(self.ffn.input_site, self._sparse_input, priority=Priority.INTERVENE, name=f"{name}:sparse")
             registry.at(self.ffn.output_site, self._sparse_output, priority=Priority.INTERVENE, name=f"{name}:out")
 
     def _record_q(self, q: torch.Tensor) -> None:
         self._q = q
+
+    def _dropout(self, z: torch.Tensor) -> torch.Tensor | None:
+        if not self.ffn.module.training:
+            return None
+        return F.dropout(z, self.config.dropout, training=True)
+
+    def _add_expert_bias(self, y: torch.Tensor) -> torch.Tensor:
+        kept, self._kept = self._kept, None
+        if kept is None or self.bias is None:
+            raise HookError(f"{self.ffn.path}: the FFN output was seen before its routing")
+        b = self.ffn.value_bias
+        y2 = y.reshape(-1, y.shape[-1]).float()
+        if b is not None:
+            y2 = y2 - b.detach().float()
+        out = y2 + kept.to(self.bias.weight.dtype) @ self.bias.weight
+        return out.to(y.dtype).reshape(y.shape)
 
     def _mask_hidden(self, h: torch.Tensor) -> torch.Tensor:
         q, self._q = self._q, None
@@ -204,13 +351,16 @@ class ConvertedFFN:
         q2, h2 = q.reshape(-1, q.shape[-1]), h.reshape(-1, h.shape[-1])
         if q2.shape[0] != h2.shape[0]:
             raise HookError(f"{self.ffn.path}: {q2.shape[0]} input tokens but {h2.shape[0]} hidden rows")
-        idx = self.route(q2, h2 if self.config.router == "oracle" else None)
-        mask = self.groups.neuron_mask(selection_mask(idx, self.config.num_experts).to(h2.dtype))
+        idx, keep = self.dispatch(q2, h2 if self.config.router in HIDDEN_ROUTERS else None)
+        kept = self.kept_experts(idx, keep)
+        if self.bias is not None:
+            self._kept = kept
+        mask = self.groups.neuron_mask(kept.to(h2.dtype))
         return (h2 * mask).reshape(h.shape)
 
     def _sparse_input(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, x.shape[-1])
-        y = self.sparse_forward(x2, self.route(x2))
+        y = self.sparse_forward(x2, *self.dispatch(x2))
         self._pending = y.reshape(*x.shape[:-1], y.shape[-1])
         return x.narrow(-2, 0, 0)  # the dense path now runs on zero tokens
 
@@ -256,17 +406,24 @@ class ConvertedFFN:
         self._weight_cache = None if grad else (stamp, grouped)
         return grouped
 
-    def sparse_forward(self, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    def sparse_forward(self, x: torch.Tensor, idx: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
         """``x [T, d_model]``, selected experts ``idx [T, k]`` -> ``y [T, d_model]`` from those experts only.
 
         Tokens are grouped by expert; each expert gathers its tokens, runs its neuron slice and
-        adds its output back, which keeps the working set of one expert in cache.
+        adds its output back, which keeps the working set of one expert in cache. ``keep``
+        (``[T, k]`` bool) leaves out assignments dropped by the capacity limit.
         """
         ffn = self.ffn
         t, k = idx.shape
         flat = idx.reshape(-1)
-        token = torch.div(torch.argsort(flat, stable=True), k, rounding_mode="floor")
+        if keep is None:
+            token = torch.div(torch.argsort(flat, stable=True), k, rounding_mode="floor")
+        else:
+            kept_pos = torch.nonzero(keep.reshape(-1)).flatten()
+            flat = flat[kept_pos]
+            token = torch.div(kept_pos[torch.argsort(flat, stable=True)], k, rounding_mode="floor")
         per_expert = torch.bincount(flat, minlength=self.groups.num_experts).tolist()
+        p = self.config.dropout if ffn.module.training else 0.0
         out = torch.zeros(t, ffn.d_model, dtype=x.dtype, device=x.device)
         start = 0
         for (keys_t, up_t, vals, kb, ub), n_tok in zip(self._grouped_weights(), per_expert, strict=True):
@@ -275,10 +432,14 @@ class ConvertedFFN:
             tok = token[start : start + n_tok]
             start += n_tok
             rows = x.index_select(0, tok)
-            h = ffn.activation(torch.addmm(kb, rows, keys_t) if kb.numel() else rows @ keys_t)
+            z = torch.addmm(kb, rows, keys_t) if kb.numel() else rows @ keys_t
+            h = ffn.activation(F.dropout(z, p, training=True) if p > 0 else z)
             if up_t.numel():
                 h = h * (torch.addmm(ub, rows, up_t) if ub.numel() else rows @ up_t)
             out.index_add_(0, tok, (h @ vals).to(out.dtype))
+        if self.bias is not None:
+            kept = self.kept_experts(idx, keep)
+            return out + (kept.to(self.bias.weight.dtype) @ self.bias.weight).to(out.dtype)
         return out + ffn.value_bias if ffn.value_bias is not None else out
 
     # --- telemetry ----------------------------------------------------------------------------
@@ -290,8 +451,12 @@ class ConvertedFFN:
         n = self.config.num_experts
         entropy = float(-(nz * nz.log()).sum() / math.log(n)) if n > 1 else 1.0
         stability = None if self.previous_load is None else float(1 - 0.5 * (load - self.previous_load).abs().sum())
-        out = RoutingStats(tokens=self.tokens, load=load.tolist(), entropy=entropy, stability=stability)
+        dropped = self.dropped / max(1, self.tokens * self.config.top_k)
+        out = RoutingStats(
+            tokens=self.tokens, load=load.tolist(), entropy=entropy, stability=stability, dropped=dropped
+        )
         self.previous_load = load
         self.counts.zero_()
         self.tokens = 0
+        self.dropped = 0
         return out

@@ -22,13 +22,14 @@ from torch import nn
 
 from modulart.core.errors import ConfigError, IncompatibleArtifactError, NonFiniteError, UnsupportedModuleError
 from modulart.core.ffn import FFN, find_ffns
+from modulart.core.naming import free_attribute_name
 from modulart.core.operator import Operator, Plan
 from modulart.core.select import select_views
 from modulart.core.sharing import claim
 from modulart.core.types import StateValue
 from modulart.core.unwrap import unwrap_model
 from modulart.emoe.cluster import balanced_kmeans, random_balanced_labels
-from modulart.emoe.config import EMoEConfig, default_layers
+from modulart.emoe.config import GATED_ROUTERS, EMoEConfig, default_layers
 from modulart.emoe.handle import EMoEHandle
 from modulart.emoe.ranks import (
     broadcast_from_first,
@@ -66,6 +67,21 @@ def _check_fits(ffns: list[FFN], config: EMoEConfig) -> None:
         if config.num_experts > f.d_ff:
             raise ConfigError(
                 f"EMoEConfig.num_experts = {config.num_experts}: more experts than the {f.d_ff} neurons of {f.path!r}"
+            )
+        if config.router in GATED_ROUTERS and not f.gated:
+            raise ConfigError(
+                f"EMoEConfig.router = {config.router!r}: scores the up projection of a gated FFN; {f.path!r} has none"
+            )
+        if config.per_expert_bias and f.value_bias is None:
+            raise ConfigError(
+                f"EMoEConfig.per_expert_bias = True: copies the FFN output bias per expert; {f.path!r} has no "
+                "output bias"
+            )
+        if config.dropout > 0 and config.executor == "masked" and f.fused:
+            raise ConfigError(
+                f"EMoEConfig.dropout = {config.dropout}: {f.path!r} computes its gate and up projections in one "
+                "layer, whose output the masked executor cannot drop out before the activation alone (use "
+                "executor='sparse', or dropout=0)"
             )
 
 
@@ -160,6 +176,16 @@ class EMoE(Operator[EMoEConfig, EMoEPlan, EMoEHandle]):
                     "token dimension (executor='masked' composes with other operators)",
                 )
             layer.install(handle.registry)
+        for layer in handle.layers.values():  # per_expert_bias: the copies join the model, b_out is frozen
+            if layer.bias is None:
+                continue
+            module = layer.ffn.value_proj.module  # a leaf layer: no container iterates it (nn.Sequential would)
+            name = free_attribute_name(module, "emoe_expert_bias")
+            module.add_module(name, layer.bias)
+            handle.holders.append((module, name, layer.bias))
+            b = layer.ffn.value_bias
+            if b is not None and b.requires_grad:
+                handle.set_requires_grad([b], False)
 
 
 def apply(model: nn.Module, config: EMoEConfig | Mapping[str, Any] | None = None, /, **overrides: Any) -> EMoEHandle:

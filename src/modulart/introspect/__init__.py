@@ -6,6 +6,8 @@ S4 router rows vs experts, S5 PCA. Dynamic analyses by the two-stage protocol: D
 similarity, D2 output norm vs router score, D3 intermediate activation ratio, D4 routing maps.
 :func:`report` puts the headline numbers per layer, depth trends and the last-layer outlier check
 together; ``report.save(dir)`` / ``report.plot(dir)`` write arrays + JSON and PNG figures.
+``options="reference"`` (an :class:`IntrospectOptions`) computes every analysis as the paper's
+reference notebooks do, where they differ from modulart's defaults.
 
 Example:
     >>> import torch
@@ -20,6 +22,7 @@ Example:
 
 from modulart.introspect.checkpoint import CheckpointSource, DenseCheckpoint
 from modulart.introspect.live import ModelSource
+from modulart.introspect.options import IntrospectOptions
 from modulart.introspect.reporting import Report, outlier_check, report
 from modulart.introspect.routing_analysis import LayerRouting, NormScoreCorrelation, RoutingAnalysis, routing
 from modulart.introspect.sources import MATRICES, LayerReader, WeightSource
@@ -31,6 +34,7 @@ __all__ = [
     "CheckpointSource",
     "DenseCheckpoint",
     "GateVsExperts",
+    "IntrospectOptions",
     "LayerReader",
     "LayerRouting",
     "LayerWeightStats",

@@ -4,6 +4,9 @@ The weights are streamed one layer at a time (static analyses S1–S5); the per-
 printed, and the report (``arrays.safetensors`` + ``report.json``) and the figures are written to
 ``--out``. Everything is validated (keys, shapes, layer specification) before anything is written.
 
+``--reference`` computes S3–S5 as the paper's reference notebooks do
+(:meth:`~modulart.introspect.options.IntrospectOptions.reference`).
+
 Example:
     $ modulart inspect ./mixtral-ckpt --out ./mixtral-introspect --dense ./mistral-ckpt
 """
@@ -26,8 +29,8 @@ def add_inspect_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser])
         >>> p = argparse.ArgumentParser(prog="modulart")
         >>> add_inspect_parser(p.add_subparsers(dest="command"))
         >>> a = p.parse_args(["inspect", "ckpt", "--layers", "0-3"])
-        >>> a.command, a.path, a.layers, a.budget_mb
-        ('inspect', 'ckpt', '0-3', 128)
+        >>> a.command, a.path, a.layers, a.budget_mb, a.reference
+        ('inspect', 'ckpt', '0-3', 128, False)
     """
     p = sub.add_parser(
         "inspect",
@@ -44,6 +47,12 @@ def add_inspect_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser])
     )
     p.add_argument(
         "--reorder-neurons", type=nonnegative_int, default=256, help="S3 sampled neurons per layer, >= 0 (0: skip)"
+    )
+    p.add_argument(
+        "--reference",
+        action="store_true",
+        help="compute as the paper's reference notebooks (per-matrix S3, S4 R² rounded to 2 decimals, F in the "
+        "S5 PCA with sample-std z-scores); see IntrospectOptions.reference()",
     )
     p.add_argument("--no-plots", action="store_true", help="write the report only, no figures")
     p.add_argument(
@@ -106,6 +115,7 @@ def run_inspect(
         budget_mb=args.budget_mb,
         progress=False if args.no_progress else None,
         reorder_neurons=args.reorder_neurons or None,
+        options="reference" if getattr(args, "reference", False) else None,
     )
     echo(f"{path}: {len(rep.layers)} MoE layers, members {rep.members}")
     echo(rep.table())

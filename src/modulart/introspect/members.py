@@ -5,9 +5,10 @@ Live analyses and checkpoint streaming both enumerate a layer's members here, fr
 experts ``e0..`` (``gate`` / ``up`` ``[I, d_model]`` — ``up`` only for gated experts —, ``down``
 ``[d_model, I]``), then the shared
 experts ``s0..`` of ``moe.shared_experts`` (dense FFN views: ``act`` = keys, ``up`` when gated,
-``down`` = values). Shared experts are members of the S1/S2 similarity maps (the spec lets them join
-the neuron-averaged comparison; a shared expert of another width is NaN in S1), never of the
-routed-only statistics (expert means, S4, the expert PCA).
+``down`` = values). Shared experts are members of the S1/S2 similarity maps (the neuron-averaged
+comparison of S2 is order- and width-invariant, so they join it, as in the paper's DeepSeek figures;
+a shared expert of another width is NaN in S1), never of the routed-only statistics (expert means,
+S4, and by default the expert PCA: ``IntrospectOptions.pca_shared`` adds same-shape ones there).
 
 Example:
     >>> from modulart.introspect.toy import toy_moe

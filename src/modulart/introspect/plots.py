@@ -126,13 +126,14 @@ def _pca(rep: Report, path: Path) -> Path:
     cols = _pick(len(rep.layers))
     fig, axes = plt.subplots(1, len(cols), figsize=(2.8 * len(cols), 2.9), squeeze=False, layout="constrained")
     coords, expl = rep.arrays["s5.experts"], rep.arrays["s5.explained"]
+    labels = list(rep.meta.get("s5_labels") or [f"e{i}" for i in range(coords.shape[1])])
     for c, p in enumerate(cols):
         ax = axes[0][c]
         xy = coords[p]
         y = xy[:, 1] if xy.shape[1] > 1 else torch.zeros(xy.shape[0])
         ax.scatter(xy[:, 0].numpy(), y.numpy(), c=range(xy.shape[0]), cmap="tab10", s=30)
         for i in range(xy.shape[0]):
-            ax.annotate(f"e{i}", (float(xy[i, 0]), float(y[i])), fontsize=7)
+            ax.annotate(labels[i] if i < len(labels) else f"e{i}", (float(xy[i, 0]), float(y[i])), fontsize=7)
         ax.set_title(f"layer {rep.layers[p]} ({100 * float(expl[p].sum()):.0f}% var)", fontsize=9)
         ax.set_xlabel("PC1", fontsize=8)
         if c == 0:
@@ -173,10 +174,11 @@ def _d1(rep: Report, path: Path) -> Path:
     plt = _plt()
     cols = _pick(len(rep.layers))
     d1 = rep.arrays["d1.angular"]
+    names = list(rep.meta.get("d1_members") or [f"e{i}" for i in range(d1.shape[1])])
     fig, axes = plt.subplots(1, len(cols), figsize=(2.8 * len(cols) + 1, 2.9), squeeze=False, layout="constrained")
     im = None
     for c, p in enumerate(cols):
-        im = _heat(axes[0][c], d1[p], [f"e{i}" for i in range(d1.shape[1])], f"layer {rep.layers[p]}", 0.0, 1.0)
+        im = _heat(axes[0][c], d1[p], names, f"layer {rep.layers[p]}", 0.0, 1.0)
     fig.suptitle("D1: token-averaged angular similarity of expert outputs")
     fig.colorbar(im, ax=axes, shrink=0.8)
     return _save(fig, path)
@@ -187,6 +189,7 @@ def _d2(rep: Report, path: Path) -> Path:
     cols = _pick(len(rep.layers))
     counts = rep.arrays["d2.counts"]
     e = counts.shape[1]
+    order = "1 = smallest" if rep.meta.get("d2_ranks") == "ascending" else "1 = largest"
     fig, axes = plt.subplots(1, len(cols), figsize=(3.0 * len(cols), 3.2), squeeze=False, layout="constrained")
     cmap = plt.get_cmap("viridis", e)
     for c, p in enumerate(cols):
@@ -196,7 +199,7 @@ def _d2(rep: Report, path: Path) -> Path:
             h = counts[p][:, nr].float()
             ax.bar(range(1, e + 1), h.numpy(), bottom=bottom.numpy(), color=cmap(nr), label=f"norm rank {nr + 1}")
             bottom += h
-        ax.set_xlabel("rank by router score", fontsize=8)
+        ax.set_xlabel(f"rank by router score ({order})", fontsize=8)
         ax.set_title(f"layer {rep.layers[p]} (ρ = {float(rep.arrays['d2.spearman'][p]):.2f})", fontsize=9)
         if c == 0:
             ax.set_ylabel("tokens", fontsize=8)

@@ -36,8 +36,8 @@ from modulart.core.select import LayersArg
 from modulart.core.types import ModelInputs
 from modulart.introspect.live import DenseSpec
 from modulart.introspect.neuron_experts import ExpertsSpec
+from modulart.introspect.options import IntrospectOptions, OptionsArg, resolve_options
 from modulart.introspect.routing_analysis import routing
-from modulart.introspect.sources import MATRICES
 from modulart.introspect.weight_analysis import Weights, offdiag_mean, weights
 
 __all__ = ["Report", "outlier_check", "report"]
@@ -235,7 +235,11 @@ class Report:
 
 
 def _static(
-    w: Weights, arrays: dict[str, torch.Tensor], rows: list[dict[str, float]], trends: dict[str, list[float]]
+    w: Weights,
+    arrays: dict[str, torch.Tensor],
+    rows: list[dict[str, float]],
+    trends: dict[str, list[float]],
+    meta: dict[str, Any],
 ) -> tuple[list[str], list[str]]:
     mats = w.matrices
     w.scan(mats, pca=mats[:1])  # one pass: S1, S2, S4 and the S5 expert PCA of the first matrix
@@ -255,6 +259,8 @@ def _static(
         arrays[f"s4.r.{m}"] = gve.r[m]
     pca = w.pca(mats[0], level="experts")
     arrays["s5.experts"], arrays["s5.explained"] = pca.coords, pca.explained
+    meta["s5_labels"] = pca.labels
+    meta["headline"] = {"mean_r2": dict(gve.mean_r2)}
     for i in range(len(w.layers)):
         row = rows[i]
         for m in mats:
@@ -274,8 +280,12 @@ def _dynamic(
     arrays: dict[str, torch.Tensor],
     rows: list[dict[str, float]],
     trends: dict[str, list[float]],
+    meta: dict[str, Any],
+    dense: nn.Module | None,
+    options: IntrospectOptions,
 ) -> None:
-    r = routing(model, inputs, experts=experts, layers=layers)
+    r = routing(model, inputs, experts=experts, layers=layers, dense=dense, options=options)
+    meta["d1_members"], meta["d2_ranks"] = r.members, options.d2_ranks
     d1 = r.output_similarity()
     sel, oth = r.selected_similarity()
     c = r.norm_score_correlation()
@@ -295,7 +305,8 @@ def _dynamic(
         "d4.map": torch.stack([r.routing_map(i) for i in r.layers]),
         "d4.seq": r.records[-1].seq[:64].clone(),
     }
-    trends["d1"] = [offdiag_mean(x) for x in d1]
+    n_routed = int(arrays["d2.counts"].shape[1])
+    trends["d1"] = [offdiag_mean(x, range(n_routed)) for x in d1]  # routed experts (as without F / shared)
     for i, row in enumerate(rows):
         row |= {
             "D1 angular": trends["d1"][i],
@@ -362,6 +373,7 @@ def report(
     budget_mb: float = 128,
     progress: bool | None = None,
     reorder_neurons: int | None = 256,
+    options: OptionsArg = None,
 ) -> Report:
     """All static analyses (and the dynamic ones when ``inputs`` are given) with trends and the outlier check.
 
@@ -371,6 +383,10 @@ def report(
         dense, experts, layers, budget_mb, progress: as for :func:`~modulart.introspect.weights`.
         reorder_neurons: S3 on experts (0, 1) of every layer with this many sampled neurons (linear
             assignment when scipy is installed, else the nearest-neuron proxy); None skips S3.
+        options: an :class:`~modulart.introspect.options.IntrospectOptions`, ``"reference"`` (the
+            reference notebooks' computations: per-matrix S3, rounded S4 mean, F in S5 and, with a
+            live ``dense`` model and ``inputs``, in D1; shared experts in D1; ascending D2 ranks) or
+            None (modulart's defaults).
 
     Example:
         >>> from modulart.introspect.toy import toy_moe
@@ -383,12 +399,28 @@ def report(
         raise ConfigError(f"reorder_neurons = {rn!r}: must be None or an int >= 0 (0 or None: skip S3)")
     if inputs is not None and not isinstance(model_or_dir, torch.nn.Module):
         raise ConfigError("inputs= needs a live model: the dynamic analyses run the model (a directory is streamed)")
-    w = weights(model_or_dir, dense=dense, experts=experts, layers=layers, budget_mb=budget_mb, progress=progress)
+    opts = resolve_options(options)
+    if opts.d1_dense and inputs is not None and dense is not None and not isinstance(dense, nn.Module):
+        raise ConfigError(
+            "options.d1_dense: D1 runs the dense reference on the inputs, so dense= must be a live model "
+            f"(got {type(dense).__name__}); pass the model or set d1_dense=False"
+        )
+    w = weights(
+        model_or_dir,
+        dense=dense,
+        experts=experts,
+        layers=layers,
+        budget_mb=budget_mb,
+        progress=progress,
+        options=opts,
+    )
     arrays: dict[str, torch.Tensor] = {}
     rows: list[dict[str, float]] = [{"layer": float(i)} for i in w.layers]
     trends: dict[str, list[float]] = {}
-    members, kinds = _static(w, arrays, rows, trends)
+    extra: dict[str, Any] = {}
+    members, kinds = _static(w, arrays, rows, trends, extra)
     s3_method = None
+    per_matrix: dict[str, list[float]] = {}
     if reorder_neurons:
         s3_method = "assignment" if importlib.util.find_spec("scipy") is not None else "nearest"
         taus, after = [], []
@@ -397,9 +429,15 @@ def report(
             taus.append(res.tau)
             after.append(sum(res.after.values()) / len(res.after))
             rows[i] |= {"S3 tau": res.tau, "S3 after": after[-1]}
+            if res.per_matrix:
+                rows[i] |= {f"S3 tau {m}": t for m, t in res.taus.items()}
+                for m, t in res.taus.items():
+                    per_matrix.setdefault(m, []).append(t)
         arrays["s3.tau"], arrays["s3.after"] = torch.tensor(taus), torch.tensor(after)
+        arrays |= {f"s3.tau.{m}": torch.tensor(v) for m, v in per_matrix.items()}
     if inputs is not None and isinstance(model_or_dir, nn.Module):  # checked above
-        _dynamic(model_or_dir, inputs, experts, w.layers, arrays, rows, trends)
+        d1_dense = dense if opts.d1_dense and isinstance(dense, nn.Module) else None
+        _dynamic(model_or_dir, inputs, experts, w.layers, arrays, rows, trends, extra, d1_dense, opts)
     for k, v in trends.items():
         arrays[f"trend.{k}"] = torch.tensor(v)
     outliers = {k: outlier_check(v) for k, v in trends.items()}
@@ -413,8 +451,7 @@ def report(
         "outliers": outliers,
         "suggestions": _suggestions(rows, trends, outliers, experts is not None, n_experts),
         "s3_method": s3_method,
-        "headline": {
-            "mean_r2": {m: float((arrays[f"s4.r.{m}"] ** 2).nanmean()) for m in MATRICES if f"s4.r.{m}" in arrays}
-        },
+        "options": opts.to_dict(),
+        **extra,
     }
     return Report(source, list(w.layers), members, kinds, arrays, meta)

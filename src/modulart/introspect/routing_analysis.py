@@ -8,8 +8,11 @@ routing weights), in token chunks, and keeps per-token statistics only:
 
 - D1: per-token cosine between all experts' outputs -> the token-averaged angular similarity map
   ``1 - arccos(cos)/π`` ``[E, E]``, and the mean among the experts the router selected vs the rest;
+  with the options ``d1_shared`` / ``d1_dense`` the shared experts' outputs and the dense reference
+  ``F``'s (its FFN in its own forward on the same inputs) join the map (``[M, M]``);
 - D2: per token, experts ranked by output L2 norm and by router score -> the count matrix
-  ``C[score_rank, norm_rank]``, per-token Spearman and Kendall correlations, and the hit rate of
+  ``C[score_rank, norm_rank]`` (rank 0 the largest; ``d2_ranks="ascending"``: the smallest, as the
+  reference notebooks), per-token Spearman and Kendall correlations, and the hit rate of
   "top-k by norm" against the router's top-k;
 - D3: the fraction of ``|σ(W_act x)| > threshold`` over all experts' neurons;
 - D4: routing maps (experts × tokens, top-k weights) and the consecutive-token same-expert rate.
@@ -32,7 +35,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, cast
 
 import torch
@@ -46,6 +49,7 @@ from modulart.core.moe import MoE, find_moes
 from modulart.core.neuron_groups import ExpertGroups, NeuronExpertSplit, select_topk
 from modulart.core.types import Batch, ModelInputs
 from modulart.introspect.neuron_experts import ExpertsSpec, neuron_splits
+from modulart.introspect.options import D2_RANKS, IntrospectOptions, OptionsArg, resolve_options
 
 __all__ = ["LayerRouting", "NormScoreCorrelation", "RoutingAnalysis", "routing"]
 
@@ -59,11 +63,14 @@ class LayerRouting:
         scores: ``[T, E]`` router scores (softmax over all experts, or sigmoid).
         indices / weights: ``[T, k]`` the router's selection and weights.
         norms: ``[T, E]`` each expert's output L2 norm.
-        angular_sum / cos_sum: ``[E, E]`` sums over tokens of the angular similarity / cosine.
+        angular_sum / cos_sum: ``[M, M]`` sums over tokens of the angular similarity / cosine
+            between the outputs of ``members`` (the routed experts, then the shared ones and ``F``
+            when the options include them).
         selected_sim / other_sim: sums and pair counts of the angular similarity among selected
-            pairs and among the other pairs.
+            pairs and among the other pairs (routed experts only).
         active / neurons: counts for D3.
         seq / pos: ``[T]`` sequence id and position of each token.
+        members: the ``M`` output members' names (``e{i}``, ``s{i}``, ``F``).
     """
 
     index: int
@@ -81,6 +88,7 @@ class LayerRouting:
     neurons: int
     seq: torch.Tensor
     pos: torch.Tensor
+    members: list[str] = field(default_factory=list)
 
 
 class _Layer:
@@ -95,9 +103,12 @@ class _Layer:
         scores: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
         outputs: Callable[[torch.Tensor], torch.Tensor],
         acts: Callable[[torch.Tensor], torch.Tensor],
+        shared: list[FFN] | None = None,
     ) -> None:
         self.index, self.path, self.top_k, self.site = index, path, top_k, site
         self.scores, self.outputs, self.acts = scores, outputs, acts
+        self.shared = shared or []
+        self.dense: FFN | None = None  # the dense reference's FFN at this block (D1 with F)
 
 
 def _moe_layer(moe: MoE, i: int) -> _Layer:
@@ -109,7 +120,14 @@ def _moe_layer(moe: MoE, i: int) -> _Layer:
         return torch.stack([e.act(x) for e in moe.experts()])  # [E, T, I]
 
     return _Layer(
-        moe.layer if moe.layer is not None else i, moe.path, moe.top_k, moe.input_site, scores, moe.expert_outputs, acts
+        moe.layer if moe.layer is not None else i,
+        moe.path,
+        moe.top_k,
+        moe.input_site,
+        scores,
+        moe.expert_outputs,
+        acts,
+        shared=list(moe.shared_experts),
     )
 
 
@@ -204,6 +222,8 @@ def routing(
     layers: Sequence[int] | None = None,
     threshold: float = 1e-3,
     chunk_tokens: int = 1024,
+    dense: nn.Module | None = None,
+    options: OptionsArg = None,
 ) -> RoutingAnalysis:
     """Run the two-stage protocol on ``model`` and ``inputs`` (see the module docstring).
 
@@ -216,6 +236,11 @@ def routing(
         layers: block indices to keep (default: all MoE layers).
         threshold: D3 activity threshold on ``|σ(W_act x)|``.
         chunk_tokens: tokens per stage-2 chunk (memory ``E × chunk × d``).
+        dense: a live dense sibling model (same tokenizer, same blocks) whose same-block FFN is the
+            ``F`` member of D1; it runs its own forward on ``inputs`` (the reference notebooks'
+            protocol). Used with ``options.d1_dense`` only.
+        options: an :class:`~modulart.introspect.options.IntrospectOptions`, ``"reference"`` or None
+            (D1 members ``d1_shared`` / ``d1_dense``, D2 rank order ``d2_ranks``).
 
     Returns:
         :class:`RoutingAnalysis`.
@@ -226,10 +251,17 @@ def routing(
         >>> r.layers, tuple(r.output_similarity().shape), int(r.norm_score_counts()[0].sum())
         ([0, 1], (2, 4, 4), 48)
     """
+    opts = resolve_options(options)
     if not (isinstance(threshold, (int, float)) and math.isfinite(threshold) and threshold >= 0):
         raise ConfigError(f"threshold = {threshold!r}: must be a finite number >= 0")
     if not (isinstance(chunk_tokens, int) and not isinstance(chunk_tokens, bool) and chunk_tokens >= 1):
         raise ConfigError(f"chunk_tokens = {chunk_tokens!r}: must be an int >= 1")
+    if dense is not None and not isinstance(dense, nn.Module):
+        raise ConfigError(
+            f"dense = {type(dense).__name__}: must be a live dense nn.Module (its FFNs run on the inputs) or None"
+        )
+    if dense is not None and not opts.d1_dense:
+        raise ConfigError("dense= is the F member of D1: it needs options.d1_dense=True (or options='reference')")
     layer_list = (
         _split_layers(model, neuron_splits(experts))
         if experts is not None
@@ -241,9 +273,21 @@ def routing(
         if bad:
             raise OutOfRangeError(f"layers {bad} are not MoE layers of {type(model).__name__}; MoE layers: {known}")
         layer_list = [lay for lay in layer_list if lay.index in layers]
+    if not opts.d1_shared:
+        for lay in layer_list:
+            lay.shared = []
+    if dense is not None:
+        ffns = {f.layer if f.layer is not None else i: f for i, f in enumerate(find_ffns(dense))}
+        missing = [lay.index for lay in layer_list if lay.index not in ffns]
+        if missing:
+            known = [x.index for x in layer_list]
+            raise ShapeError(f"the dense reference has no FFN at blocks {missing} (MoE blocks: {known})")
+        for lay in layer_list:
+            lay.dense = ffns[lay.index]
     records: dict[
         int, list[tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor, torch.Tensor]]
     ] = {i: [] for i in range(len(layer_list))}
+    dense_records: dict[int, list[torch.Tensor]] = {i: [] for i in range(len(layer_list))}
     for batch in _batches(inputs):
         mask = _mask_of(batch)
 
@@ -261,17 +305,47 @@ def routing(
                 reg.at(lay.site, keep(i), priority=-1, name=f"{lay.path}:input")
             _call(model, batch)
             reg.assert_fired()
-    offset = 0
+        if dense is not None:
+            _dense_inputs(dense, batch, mask, layer_list, dense_records)
     per_layer: list[LayerRouting] = []
     for i, lay in enumerate(layer_list):
         offset = 0
         chunks = []
-        for x, routed, seq, pos in records[i]:
-            chunks.append((x, routed, seq + offset, pos))
+        for b, (x, routed, seq, pos) in enumerate(records[i]):
+            xd = dense_records[i][b] if dense is not None else None
+            if xd is not None and xd.shape[0] != x.shape[0]:
+                raise ShapeError(
+                    f"{lay.path}: the dense reference saw {xd.shape[0]} tokens of batch {b}, the model "
+                    f"{x.shape[0]}: give both models the same inputs"
+                )
+            chunks.append((x, routed, seq + offset, pos, xd))
             offset += int(seq.max()) + 1 if seq.numel() else 0
         per_layer.append(_stage_two(lay, chunks, threshold, chunk_tokens))
-        records[i] = []
-    return RoutingAnalysis(per_layer, threshold)
+        records[i], dense_records[i] = [], []
+    return RoutingAnalysis(per_layer, threshold, opts)
+
+
+def _dense_inputs(
+    dense: nn.Module,
+    batch: Batch,
+    mask: torch.Tensor | None,
+    layer_list: list[_Layer],
+    out: dict[int, list[torch.Tensor]],
+) -> None:
+    """Stage 1 of the dense reference: its own forward on ``batch``, keeping each matched FFN's input."""
+
+    def keep(i: int) -> Callable[[torch.Tensor], None]:
+        def hook(x: torch.Tensor) -> None:
+            out[i].append(_flatten(x.detach(), mask)[0].float().clone())
+
+        return hook
+
+    with HookRegistry(dense, name="introspect.routing.dense") as reg:
+        for i, lay in enumerate(layer_list):
+            assert lay.dense is not None
+            reg.at(lay.dense.input_site, keep(i), priority=-1, name=f"{lay.dense.path}:input")
+        _call(dense, batch)
+        reg.assert_fired()
 
 
 def _stage_two(lay: _Layer, chunks: list[Any], threshold: float, chunk_tokens: int) -> LayerRouting:
@@ -280,16 +354,22 @@ def _stage_two(lay: _Layer, chunks: list[Any], threshold: float, chunk_tokens: i
     sel: list[float] = [0.0, 0.0]
     oth: list[float] = [0.0, 0.0]
     active = neurons = 0
-    for x, (scores, idx, weights), seq, pos in chunks:
+    e = 0
+    for x, (scores, idx, weights), seq, pos, xd in chunks:
         for s in range(0, x.shape[0], chunk_tokens):
             xs = x[s : s + chunk_tokens]
             with torch.no_grad():
-                out = lay.outputs(xs).float()  # [E, t, d]
+                routed = lay.outputs(xs).float()  # [E, t, d]
                 act = lay.acts(xs).float()
-            e = out.shape[0]
-            norms = out.norm(dim=-1).t()  # [t, E]
-            u = F.normalize(out, dim=-1).transpose(0, 1)  # [t, E, d]
-            cos = (u @ u.transpose(1, 2)).clamp(-1, 1)  # [t, E, E]
+                extra = [f.forward(xs.to(f.keys.dtype)).float() for f in lay.shared]
+                if lay.dense is not None and xd is not None:
+                    xds = xd[s : s + chunk_tokens].to(lay.dense.keys.device, lay.dense.keys.dtype)
+                    extra.append(lay.dense.forward(xds).float().to(routed.device))
+            e = routed.shape[0]
+            out = torch.cat([routed, torch.stack(extra)]) if extra else routed  # [M, t, d]
+            norms = routed.norm(dim=-1).t()  # [t, E]
+            u = F.normalize(out, dim=-1).transpose(0, 1)  # [t, M, d]
+            cos = (u @ u.transpose(1, 2)).clamp(-1, 1)  # [t, M, M]
             cos.diagonal(dim1=1, dim2=2).fill_(1.0)  # exactly 1, not arccos(1 - ulp)
             angular = 1 - torch.arccos(cos) / math.pi
             ang = angular.sum(0) if ang is None else ang + angular.sum(0)
@@ -297,9 +377,10 @@ def _stage_two(lay: _Layer, chunks: list[Any], threshold: float, chunk_tokens: i
             chosen = torch.zeros(xs.shape[0], e, dtype=torch.bool).scatter_(1, idx[s : s + chunk_tokens], True)
             pair_sel = chosen[:, :, None] & chosen[:, None, :]
             off = ~torch.eye(e, dtype=torch.bool)
-            sel[0] += float(angular[pair_sel & off].sum())
+            routed_ang = angular[:, :e, :e]
+            sel[0] += float(routed_ang[pair_sel & off].sum())
             sel[1] += int((pair_sel & off).sum())
-            oth[0] += float(angular[~pair_sel & off].sum())
+            oth[0] += float(routed_ang[~pair_sel & off].sum())
             oth[1] += int((~pair_sel & off).sum())
             active += int((act.abs() > threshold).sum())
             neurons += act.numel()
@@ -311,6 +392,8 @@ def _stage_two(lay: _Layer, chunks: list[Any], threshold: float, chunk_tokens: i
         pos_l.append(pos)
     if ang is None or cos_sum is None:
         raise ShapeError(f"{lay.path}: no tokens reached this layer (all masked?)")
+    members = [f"e{j}" for j in range(e)] + [f"s{j}" for j in range(len(lay.shared))]
+    members += ["F"] if lay.dense is not None else []
     return LayerRouting(
         index=lay.index,
         path=lay.path,
@@ -327,12 +410,13 @@ def _stage_two(lay: _Layer, chunks: list[Any], threshold: float, chunk_tokens: i
         neurons=neurons,
         seq=torch.cat(seq_l),
         pos=torch.cat(pos_l),
+        members=members,
     )
 
 
-def _ranks(x: torch.Tensor) -> torch.Tensor:
-    """Descending rank (0 = largest) of each entry along the last dim; ties broken by index."""
-    order = torch.sort(x, dim=-1, descending=True, stable=True).indices
+def _ranks(x: torch.Tensor, descending: bool = True) -> torch.Tensor:
+    """Rank of each entry along the last dim (descending: 0 = largest; else 0 = smallest); ties broken by index."""
+    order = torch.sort(x, dim=-1, descending=descending, stable=True).indices
     return torch.empty_like(order).scatter_(-1, order, torch.arange(x.shape[-1]).expand_as(order).contiguous())
 
 
@@ -351,9 +435,16 @@ class NormScoreCorrelation:
 class RoutingAnalysis:
     """Results of :func:`routing`; every method returns per-layer arrays (``L`` = analysed layers)."""
 
-    def __init__(self, layers: list[LayerRouting], threshold: float) -> None:
+    def __init__(self, layers: list[LayerRouting], threshold: float, options: IntrospectOptions | None = None) -> None:
         self.records = layers
         self.threshold = threshold
+        self.options = options if options is not None else IntrospectOptions()
+
+    @property
+    def members(self) -> list[str]:
+        """The members of the D1 maps: routed experts ``e{i}``, then (with the options) ``s{i}`` and ``F``."""
+        best = max(self.records, key=lambda r: r.angular_sum.shape[0])
+        return best.members or [f"e{i}" for i in range(best.angular_sum.shape[0])]
 
     @property
     def layers(self) -> list[int]:
@@ -367,7 +458,10 @@ class RoutingAnalysis:
         raise OutOfRangeError(f"layer {layer!r} was not analysed; layers: {self.layers}")
 
     def output_similarity(self, kind: str = "angular") -> torch.Tensor:
-        """D1: ``[L, E, E]`` token-averaged angular similarity (``kind="cosine"``: mean cosine).
+        """D1: ``[L, M, M]`` token-averaged angular similarity (``kind="cosine"``: mean cosine).
+
+        ``M`` = the routed experts, plus the shared experts and ``F`` when the options include them
+        (:attr:`members`; a layer with fewer members is NaN-padded).
 
         Example:
             >>> from modulart.introspect.toy import toy_moe
@@ -377,9 +471,12 @@ class RoutingAnalysis:
         """
         if kind not in ("angular", "cosine"):
             raise ConfigError(f"kind must be 'angular' or 'cosine', got {kind!r}")
-        return torch.stack(
-            [(r.angular_sum if kind == "angular" else r.cos_sum) / r.norms.shape[0] for r in self.records]
-        )
+        n = len(self.members)
+        out = torch.full((len(self.records), n, n), float("nan"))
+        for i, r in enumerate(self.records):
+            v = (r.angular_sum if kind == "angular" else r.cos_sum) / r.norms.shape[0]
+            out[i, : v.shape[0], : v.shape[1]] = v
+        return out
 
     def selected_similarity(self) -> tuple[torch.Tensor, torch.Tensor]:
         """D1: ``([L], [L])`` mean angular similarity among the selected experts' outputs, and among the other pairs.
@@ -394,8 +491,13 @@ class RoutingAnalysis:
         oth = torch.tensor([r.other_sim[0] / max(r.other_sim[1], 1) for r in self.records])
         return sel, oth
 
-    def norm_score_counts(self) -> torch.Tensor:
+    def norm_score_counts(self, ranks: str | None = None) -> torch.Tensor:
         """D2: ``[L, E, E]`` int64 counts ``C[score_rank, norm_rank]`` over tokens.
+
+        ``ranks`` (default: ``options.d2_ranks``): ``"descending"`` — rank 0 is the highest score /
+        largest norm, so a router that picks large-norm experts fills the diagonal from the top-left
+        (rank 0 = the router's first choice); ``"ascending"`` — rank 0 is the lowest, as the
+        reference notebooks' ``np.argsort`` (the same matrix rotated by 180° when there are no ties).
 
         Example:
             >>> from modulart.introspect.toy import toy_moe
@@ -403,10 +505,13 @@ class RoutingAnalysis:
             >>> c.sum((1, 2)).tolist(), c[0].sum(0).tolist()  # each token ranks every expert once
             ([20, 20], [5, 5, 5, 5])
         """
+        order = self.options.d2_ranks if ranks is None else ranks
+        if order not in D2_RANKS:
+            raise ConfigError(f"ranks = {ranks!r}: must be None (from the options) or one of {D2_RANKS}")
         out = []
         for r in self.records:
             e = r.norms.shape[1]
-            sr, nr = _ranks(r.scores), _ranks(r.norms)
+            sr, nr = _ranks(r.scores, order == "descending"), _ranks(r.norms, order == "descending")
             out.append(torch.bincount((sr * e + nr).reshape(-1), minlength=e * e).reshape(e, e))
         return torch.stack(out)
 

@@ -6,8 +6,10 @@ together) and keeps only small accumulators:
 - S1: the Gram matrix ``G[i, j] = <W_i, W_j>`` of the flattened matrices (members of one shape);
   cosine ``G[i, j] / sqrt(G[i, i] G[j, j])``;
 - S2: each member's neuron sum (rows of act/up, columns of down) -> the mean neuron ``[d_model]``;
-- S5: the Gram matrix of the experts' flattened matrices z-scored per coordinate across experts,
-  whose eigenvectors give the expert PCA (exactly PCA of the ``[E, I*d]`` data matrix).
+- S5: the Gram matrix of the PCA members' flattened matrices (the routed experts; with
+  ``pca_kinds`` also the dense reference ``F`` and same-shape shared experts) z-scored per coordinate
+  across those members, whose eigenvectors give the expert PCA (exactly PCA of the ``[n, I*d]`` data
+  matrix).
 
 Example:
     >>> import torch
@@ -24,7 +26,7 @@ from __future__ import annotations
 
 import importlib
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -61,7 +63,8 @@ class LayerWeightStats:
         index: block index; members / kinds: as in :class:`LayerReader`.
         router: ``[E, d_model]`` or None.
         gram: per matrix ``[M, M]`` Gram of flattened matrices (NaN between different shapes).
-        zgram: per matrix ``[E, E]`` Gram of the z-scored flattened routed experts.
+        zgram: per matrix ``[n, n]`` Gram of the z-scored flattened PCA members (population variance).
+        zmembers: per matrix the ``n`` member indices of ``zgram`` (routed experts first, in member order).
         neuron_mean: per matrix ``[M, d_model]`` mean neuron vector (NaN where a member lacks it).
     """
 
@@ -71,6 +74,7 @@ class LayerWeightStats:
     router: torch.Tensor | None
     gram: dict[str, torch.Tensor] = field(default_factory=dict)
     zgram: dict[str, torch.Tensor] = field(default_factory=dict)
+    zmembers: dict[str, list[int]] = field(default_factory=dict)
     neuron_mean: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def cosine(self, matrix: str) -> torch.Tensor:
@@ -86,7 +90,11 @@ class LayerWeightStats:
 
 
 def scan_layer(
-    reader: LayerReader, matrices: Sequence[str], budget_bytes: int = 128 << 20, pca: Sequence[str] = ()
+    reader: LayerReader,
+    matrices: Sequence[str],
+    budget_bytes: int = 128 << 20,
+    pca: Sequence[str] = (),
+    pca_kinds: Collection[str] = ("expert",),
 ) -> LayerWeightStats:
     """One streaming pass over ``matrices`` of a layer: S1 Grams, S2 neuron means, S5 z-scored Grams.
 
@@ -96,6 +104,8 @@ def scan_layer(
         budget_bytes: bytes (fp32) of one chunk of all same-shape members; two chunks are in flight
             (the next one is read while the current one is reduced).
         pca: the matrices (among ``matrices``) whose z-scored Gram (S5) is accumulated too (the costliest part).
+        pca_kinds: the member kinds that are PCA points: ``expert`` (routed), ``dense`` (``F``),
+            ``shared``; they must all have the same shape.
 
     Returns:
         The :class:`LayerWeightStats` (router read too).
@@ -112,18 +122,24 @@ def scan_layer(
         d_model = reader.shape(have[0], matrix)[1 - na]
         gram = torch.full((n_m, n_m), float("nan"))
         sums = torch.full((n_m, d_model), float("nan"))
-        experts = [m for m in have if kinds[m] == "expert"]
+        experts = [m for m in have if kinds[m] in pca_kinds]
         zgram = torch.zeros(len(experts), len(experts), dtype=torch.float64)
         groups: dict[tuple[int, int], list[int]] = defaultdict(list)
         for m in have:
             groups[reader.shape(m, matrix)].append(m)
+        if matrix in pca and len({reader.shape(m, matrix) for m in experts}) > 1:
+            shapes = {members[m]: reader.shape(m, matrix) for m in experts}
+            raise ShapeError(
+                f"layer {reader.index} ({reader.label}): the PCA members' {matrix!r} matrices differ in shape "
+                f"{shapes}; leave the odd ones out (IntrospectOptions.pca_dense / pca_shared)"
+            )
         for shape, group in groups.items():
             readers = [reader.tensor(m, matrix) for m in group]
             axis = common_axis(readers)
             n = 1 if axis is None else chunk_count([shape] * len(group), [shape[axis]], budget_bytes)
             g = torch.zeros(len(group), len(group), dtype=torch.float64)
             acc = torch.zeros(len(group), d_model, dtype=torch.float64)
-            zrows = [i for i, m in enumerate(group) if kinds[m] == "expert"] if matrix in pca else []
+            zrows = [i for i, m in enumerate(group) if m in experts] if matrix in pca else []
             pos = torch.tensor([experts.index(group[i]) for i in zrows])
             chunk_axis = 0 if axis is None else axis
             with ThreadPoolExecutor(1) as pool:  # read chunk c + 1 while chunk c is reduced
@@ -148,7 +164,7 @@ def scan_layer(
             sums[idx] = (acc / float(shape[na])).float()
         stats.gram[matrix], stats.neuron_mean[matrix] = gram, sums
         if matrix in pca:
-            stats.zgram[matrix] = zgram.float()
+            stats.zgram[matrix], stats.zmembers[matrix] = zgram.float(), experts
     return stats
 
 
@@ -263,13 +279,18 @@ class ReorderResult:
 
     Attributes:
         tau: Kendall τ between the sampled neurons of A and the neurons of B matched to them
-            (1: the identity order, about 0: no relation).
+            (1: the identity order, about 0: no relation); with one permutation per matrix, the
+            mean of the per-matrix τ.
         before / after: per matrix, cosine of the (sampled) flattened matrices before and after
-            permuting B's neurons.
-        neuron_cosine: mean cosine of matched neuron vectors.
-        rows / permutation: A's sampled neurons and B's neuron matched to each.
+            permuting B's neurons (by that matrix's permutation).
+        neuron_cosine: mean cosine of matched neuron vectors (per-matrix mode: mean over matrices).
+        rows / permutation: A's sampled neurons and B's neuron matched to each (per-matrix mode:
+            the first matrix's permutation).
         method: ``assignment`` (linear assignment, exact) or ``nearest`` (each A neuron's most
             similar B neuron: a permutation-invariant proxy, one matrix product).
+        per_matrix: one permutation per matrix (True) or one joint permutation (False).
+        taus / permutations: per matrix, the τ and the permutation applied to it (in joint mode
+            the joint ones).
     """
 
     tau: float
@@ -279,6 +300,26 @@ class ReorderResult:
     rows: torch.Tensor
     permutation: torch.Tensor
     method: str
+    per_matrix: bool = False
+    taus: dict[str, float] = field(default_factory=dict)
+    permutations: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+def _match(sim: torch.Tensor, method: str) -> torch.Tensor:
+    """B's neuron matched to each row of ``sim [n, I_b]``: linear assignment or the row's argmax."""
+    if method == "nearest":
+        return sim.argmax(1)
+    try:
+        linear_sum_assignment = importlib.import_module("scipy.optimize").linear_sum_assignment
+    except ImportError:
+        raise ModulartError(
+            "reorder_similarity(method='assignment') needs scipy (pip install 'modulart[plot]'); "
+            "method='nearest' needs nothing extra"
+        ) from None
+    r, c = linear_sum_assignment(sim.double().numpy(), maximize=True)
+    perm = torch.empty(sim.shape[0], dtype=torch.long)
+    perm[torch.as_tensor(r)] = torch.as_tensor(c, dtype=torch.long)
+    return perm
 
 
 def reorder_similarity(
@@ -290,10 +331,13 @@ def reorder_similarity(
     max_neurons: int | None = None,
     method: str = "assignment",
     seed: int = 0,
+    per_matrix: bool = False,
 ) -> ReorderResult:
     """S3: match expert ``b``'s neurons to expert ``a``'s and measure similarity after permuting.
 
-    Neurons are compared by the cosine of their concatenated (act row, up row, down column).
+    By default neurons are compared by the cosine of their concatenated (act row, up row, down
+    column), and one permutation serves all matrices. ``per_matrix=True`` finds one permutation per
+    matrix from that matrix's neuron vectors alone, as the reference notebooks (three τ per pair).
     ``max_neurons`` samples that many of A's neurons (matched against all of B's), keeping the
     O(n · I²) assignment affordable.
 
@@ -310,9 +354,13 @@ def reorder_similarity(
         >>> res = reorder_similarity(ModelSource(model).layer(0), 1, 0)
         >>> torch.equal(res.permutation, perm), round(res.after["down"], 4), res.before["down"] < 0.5
         (True, 1.0, True)
+        >>> sorted(reorder_similarity(ModelSource(model).layer(0), 1, 0, per_matrix=True).taus)
+        ['act', 'down', 'up']
     """
     if method not in ("assignment", "nearest"):
         raise ConfigError(f"method must be 'assignment' or 'nearest', got {method!r}")
+    if not isinstance(per_matrix, bool):
+        raise ConfigError(f"per_matrix = {per_matrix!r}: must be a bool")
     n_m = len(reader.members)
     for name, m in (("a", a), ("b", b)):
         if not 0 <= m < n_m:
@@ -327,48 +375,69 @@ def reorder_similarity(
     if max_neurons is not None and max_neurons < na.shape[0]:
         g = torch.Generator().manual_seed(seed)
         rows = torch.randperm(na.shape[0], generator=g)[:max_neurons].sort().values
-    sim = F.normalize(na[rows], dim=1) @ F.normalize(nb, dim=1).t()  # [n, I_b]
-    if method == "assignment":
-        try:
-            linear_sum_assignment = importlib.import_module("scipy.optimize").linear_sum_assignment
-        except ImportError:
-            raise ModulartError(
-                "reorder_similarity(method='assignment') needs scipy (pip install 'modulart[plot]'); "
-                "method='nearest' needs nothing extra"
-            ) from None
-
-        r, c = linear_sum_assignment(sim.double().numpy(), maximize=True)
-        perm = torch.empty(len(rows), dtype=torch.long)
-        perm[torch.as_tensor(r)] = torch.as_tensor(c, dtype=torch.long)
+    d = reader.shape(a, mats[0])[1 - NEURON_AXIS[mats[0]]]
+    blocks = [(na[:, i * d : (i + 1) * d], nb[:, i * d : (i + 1) * d]) for i in range(len(mats))]
+    perms: dict[str, torch.Tensor] = {}
+    matched: list[float] = []
+    if per_matrix:
+        for matrix, (wa, wb) in zip(mats, blocks, strict=True):
+            sim = F.normalize(wa[rows], dim=1) @ F.normalize(wb, dim=1).t()  # [n, I_b]
+            perms[matrix] = _match(sim, method)
+            matched.append(float(sim[torch.arange(len(rows)), perms[matrix]].mean()))
     else:
-        perm = sim.argmax(1)
-    matched = sim[torch.arange(len(rows)), perm]
+        sim = F.normalize(na[rows], dim=1) @ F.normalize(nb, dim=1).t()  # [n, I_b]
+        joint = _match(sim, method)
+        perms = dict.fromkeys(mats, joint)
+        matched.append(float(sim[torch.arange(len(rows)), joint].mean()))
     before: dict[str, float] = {}
     after: dict[str, float] = {}
-    d = reader.shape(a, mats[0])[1 - NEURON_AXIS[mats[0]]]
-    for i, matrix in enumerate(mats):
-        wa, wb = na[rows, i * d : (i + 1) * d], nb[:, i * d : (i + 1) * d]
+    for matrix, (wa, wb) in zip(mats, blocks, strict=True):
         same = rows if rows.max() < wb.shape[0] else rows.clamp(max=wb.shape[0] - 1)
-        before[matrix] = float(F.cosine_similarity(wa.reshape(1, -1), wb[same].reshape(1, -1)))
-        after[matrix] = float(F.cosine_similarity(wa.reshape(1, -1), wb[perm].reshape(1, -1)))
+        before[matrix] = float(F.cosine_similarity(wa[rows].reshape(1, -1), wb[same].reshape(1, -1)))
+        after[matrix] = float(F.cosine_similarity(wa[rows].reshape(1, -1), wb[perms[matrix]].reshape(1, -1)))
+    taus: dict[str, float] = {matrix: kendall_tau(rows, perms[matrix]) for matrix in mats}
     return ReorderResult(
-        tau=kendall_tau(rows, perm),
+        tau=sum(taus.values()) / len(taus) if per_matrix else taus[mats[0]],
         before=before,
         after=after,
-        neuron_cosine=float(matched.mean()),
+        neuron_cosine=sum(matched) / len(matched),
         rows=rows,
-        permutation=perm,
+        permutation=perms[mats[0]],
         method=method,
+        per_matrix=per_matrix,
+        taus=taus,
+        permutations=perms,
     )
 
 
 def neuron_pca(
-    reader: LayerReader, matrix: str, *, max_neurons: int = 256, k: int = 2, seed: int = 0
+    reader: LayerReader,
+    matrix: str,
+    *,
+    max_neurons: int | None = 256,
+    k: int = 2,
+    seed: int = 0,
+    kinds: Collection[str] = ("expert",),
+    zscore: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """S5 (neurons): PCA of the routed experts' neuron vectors of ``matrix`` (sampled per expert).
+    """S5 (neurons): PCA of the neuron vectors of ``matrix`` of the members of ``kinds`` (sampled per member).
+
+    The ``[n, d_model]`` data (neuron = a row of act/up, a column of down) is centred per feature;
+    ``zscore=True`` also divides each feature by its sample standard deviation over all ``n``
+    neurons (constant features become 0), as the reference notebooks. ``max_neurons=None`` takes
+    every neuron of every member, in member order.
+
+    Args:
+        reader: the layer.
+        matrix: ``act``, ``up`` or ``down``.
+        max_neurons: neurons sampled per member (None: all).
+        k: components.
+        seed: sampling seed.
+        kinds: member kinds that contribute neurons: ``expert`` (routed), ``shared``, ``dense`` (``F``).
+        zscore: standardise every feature, not only centre it.
 
     Returns:
-        ``coords [n, k]``, ``expert [n]`` (the expert each neuron belongs to), ``explained [k]``.
+        ``coords [n, k]``, ``member [n]`` (the member index each neuron belongs to), ``explained [k]``.
 
     Example:
         >>> from modulart.introspect.live import ModelSource
@@ -381,17 +450,23 @@ def neuron_pca(
     g = torch.Generator().manual_seed(seed)
     vecs, owner = [], []
     for m, kind in enumerate(reader.kinds):
-        if kind != "expert" or not reader.has(m, matrix):
+        if kind not in kinds or not reader.has(m, matrix):
             continue
         w = reader.tensor(m, matrix).full()
         w = w if NEURON_AXIS[matrix] == 0 else w.t()
-        pick = torch.randperm(w.shape[0], generator=g)[: min(max_neurons, w.shape[0])]
+        if max_neurons is None:
+            pick = torch.arange(w.shape[0])
+        else:
+            pick = torch.randperm(w.shape[0], generator=g)[: min(max_neurons, w.shape[0])]
         vecs.append(w[pick])
         owner.append(torch.full((len(pick),), m, dtype=torch.long))
     if not vecs:
-        raise ShapeError(f"layer {reader.index}: no routed expert has a {matrix!r} matrix")
+        raise ShapeError(f"layer {reader.index}: no member of kinds {sorted(kinds)} has a {matrix!r} matrix")
     x = torch.cat(vecs).double()
     x = x - x.mean(0)
+    if zscore:
+        std = x.std(0) if x.shape[0] > 1 else torch.zeros(x.shape[1], dtype=x.dtype)
+        x = torch.where(std > 0, x / std.clamp(min=1e-300), torch.zeros_like(x))
     _, s, v = torch.linalg.svd(x, full_matrices=False)
     k = min(k, v.shape[0])
     var = s**2

@@ -18,7 +18,7 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from os import PathLike
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +26,7 @@ from torch import nn
 
 from modulart.core.errors import ConfigError, InvalidArgumentError, OutOfRangeError, ShapeError
 from modulart.core.select import LayersArg, select_layers
+from modulart.introspect.options import IntrospectOptions, OptionsArg, resolve_options
 from modulart.introspect.sources import MATRICES, WeightSource, check_matrix
 from modulart.introspect.static import (
     LayerWeightStats,
@@ -97,7 +98,8 @@ class GateVsExperts:
         router_cosine: ``[L, E, E]`` cosine between router rows.
         expert_cosine: per matrix ``[L, E, E]`` (S2 among routed experts).
         r: per matrix ``[L]`` Pearson R over the ``E(E-1)/2`` pairs.
-        mean_r2: per matrix, mean over layers of R².
+        mean_r2: per matrix, mean over layers of R² (each layer's R² first rounded to
+            ``IntrospectOptions.s4_round`` decimals when that is set, as the reference notebooks).
         layers: block indices.
     """
 
@@ -110,7 +112,8 @@ class GateVsExperts:
 
 @dataclass
 class PCAResult:
-    """S5. ``coords [L, n, k]`` (experts) or ``[n, k]`` (neurons); ``labels`` name each point;
+    """S5. ``coords [L, n, k]`` (experts) or ``[n, k]`` (neurons); ``labels`` name each point
+    (``e{i}``, and with the options ``pca_shared`` / ``pca_dense`` also ``s{i}`` / ``F``);
     ``explained [.., k]`` the variance ratios."""
 
     coords: torch.Tensor
@@ -124,12 +127,21 @@ class Weights:
     """The static analyses over a :class:`WeightSource` (one layer in memory at a time).
 
     Results of the streaming pass are cached per layer and matrix, so S1, S2, S4 and the expert
-    PCA of one matrix cost one pass over the weights together.
+    PCA of one matrix cost one pass over the weights together. ``options`` (an
+    :class:`~modulart.introspect.options.IntrospectOptions` or ``"reference"``) selects where the
+    analyses follow the reference notebooks instead of modulart's defaults.
     """
 
     def __init__(
-        self, source: WeightSource, *, layers: LayersArg = None, budget_mb: float = 128, progress: bool | None = None
+        self,
+        source: WeightSource,
+        *,
+        layers: LayersArg = None,
+        budget_mb: float = 128,
+        progress: bool | None = None,
+        options: OptionsArg = None,
     ) -> None:
+        self.options: IntrospectOptions = resolve_options(options)
         self.source = source
         all_idx = source.layer_indices
         self.positions = select_layers(layers, len(all_idx)) if layers is not None else list(range(len(all_idx)))
@@ -167,16 +179,23 @@ class Weights:
             done = self._done.get(p, set())
             z = [m for m in pca if f"pca:{m}" not in done]
             missing = list(dict.fromkeys([m for m in wanted if m not in done] + z))
-            st = scan_layer(reader, missing, self.budget_bytes, pca=z)
+            st = scan_layer(reader, missing, self.budget_bytes, pca=z, pca_kinds=self._pca_kinds)
             if p in self._stats:
                 old = self._stats[p]
                 old.gram.update(st.gram)
                 old.zgram.update(st.zgram)
+                old.zmembers.update(st.zmembers)
                 old.neuron_mean.update(st.neuron_mean)
             else:
                 self._stats[p] = st
             self._done.setdefault(p, set()).update(want)
         return [self._stats[p] for p in self.positions]
+
+    @property
+    def _pca_kinds(self) -> tuple[str, ...]:
+        """The member kinds that are S5 points under the options."""
+        o = self.options
+        return ("expert",) + (("shared",) if o.pca_shared else ()) + (("dense",) if o.pca_dense else ())
 
     def _position(self, layer: int) -> int:
         if layer not in self.layers:
@@ -245,7 +264,7 @@ class Weights:
             r[matrix] = torch.tensor(
                 [pearson(rc[iu[0], iu[1]], c[iu[0], iu[1]]) for rc, c in zip(router_cos, cos, strict=True)]
             )
-            mean_r2[matrix] = float((r[matrix] ** 2).nanmean())
+            mean_r2[matrix] = _mean_r2(r[matrix], self.options.s4_round)
         return GateVsExperts(router_cos, expert_cos, r, mean_r2, list(self.layers))
 
     # --- S3 -----------------------------------------------------------------------------------
@@ -257,8 +276,13 @@ class Weights:
         max_neurons: int | None = None,
         method: str = "assignment",
         seed: int = 0,
+        per_matrix: bool | None = None,
     ) -> ReorderResult:
-        """S3 for experts ``pair`` of block ``layer`` (see :func:`~modulart.introspect.static.reorder_similarity`).
+        """S3 for members ``pair`` of block ``layer`` (see :func:`~modulart.introspect.static.reorder_similarity`).
+
+        ``pair`` indexes ``members`` (the dense reference ``F`` is the last one when given);
+        ``per_matrix`` (default: ``options.s3_per_matrix``) finds one permutation per matrix, as the
+        reference notebooks; ``max_neurons=None`` (default) matches all neurons, as they do.
 
         Example:
             >>> from modulart.introspect.toy import toy_moe
@@ -266,8 +290,13 @@ class Weights:
             >>> res.tau, round(min(res.after.values()), 4)
             (1.0, 1.0)
         """
+        if per_matrix is not None and not isinstance(per_matrix, bool):
+            raise ConfigError(f"per_matrix = {per_matrix!r}: must be None (from the options) or a bool")
+        pm = self.options.s3_per_matrix if per_matrix is None else per_matrix
         reader = self.source.layer(self._position(layer))
-        return reorder_similarity(reader, pair[0], pair[1], max_neurons=max_neurons, method=method, seed=seed)
+        return reorder_similarity(
+            reader, pair[0], pair[1], max_neurons=max_neurons, method=method, seed=seed, per_matrix=pm
+        )
 
     # --- S5 -----------------------------------------------------------------------------------
     def pca(
@@ -277,10 +306,25 @@ class Weights:
         level: str = "experts",
         layer: int | None = None,
         n_components: int = 2,
-        max_neurons: int = 256,
+        max_neurons: int | Literal["auto"] | None = "auto",
         seed: int = 0,
     ) -> PCAResult:
-        """S5: PCA of the routed experts (flattened, z-scored; every layer) or of one layer's neurons.
+        """S5: PCA of the experts (flattened, z-scored; every layer) or of one layer's neurons.
+
+        Points: the routed experts, plus the shared experts (``options.pca_shared``; same shape
+        only in the expert PCA) and the dense reference ``F`` (``options.pca_dense``, when given).
+        The expert PCA z-scores each coordinate across the points with divisor ``n - options.pca_ddof``;
+        the neuron PCA centres each feature (and divides it by its sample standard deviation with
+        ``options.neuron_pca_zscore``).
+
+        Args:
+            matrix: ``act``, ``up`` or ``down``.
+            level: ``experts`` (flattened matrices, every layer) or ``neurons`` (one layer).
+            layer: block index (``level="neurons"``).
+            n_components: components kept.
+            max_neurons: neurons sampled per member (``neurons`` level); ``"auto"``:
+                ``options.neuron_pca_sample`` (256, or all in reference mode); None: all.
+            seed: sampling seed.
 
         Example:
             >>> from modulart.introspect.toy import toy_moe
@@ -294,15 +338,33 @@ class Weights:
         check_matrix(matrix)
         if level == "experts":
             stats = self.scan([matrix], pca=[matrix])
-            pts, ratios = zip(*(pca_from_gram(s.zgram[matrix], n_components) for s in stats), strict=True)
-            labels = [m for m, k in zip(stats[0].members, stats[0].kinds, strict=True) if k == "expert"]
-            return PCAResult(torch.stack(list(pts)), labels, torch.stack(list(ratios)), list(self.layers), level)
+            pts, ratios = [], []
+            for s in stats:
+                coords, ratio = pca_from_gram(s.zgram[matrix], n_components)
+                n = len(s.zmembers[matrix])
+                if self.options.pca_ddof and n > 1:  # sample instead of population deviation
+                    coords = coords * math.sqrt((n - 1) / n)
+                pts.append(coords)
+                ratios.append(ratio)
+            labels = [stats[0].members[i] for i in stats[0].zmembers[matrix]]
+            return PCAResult(torch.stack(pts), labels, torch.stack(ratios), list(self.layers), level)
         if level != "neurons":
             raise ConfigError(f"level must be 'experts' or 'neurons', got {level!r}")
         if layer is None:
             raise ConfigError("pca(level='neurons') needs layer=<block index>")
+        mn = self.options.neuron_pca_sample if isinstance(max_neurons, str) and max_neurons == "auto" else max_neurons
+        if not (mn is None or (isinstance(mn, int) and not isinstance(mn, bool) and mn >= 1)):
+            raise ConfigError(f"max_neurons = {max_neurons!r}: must be 'auto', None (all neurons) or an int >= 1")
         reader = self.source.layer(self._position(layer))
-        coords, owner, ratio = neuron_pca(reader, matrix, max_neurons=max_neurons, k=n_components, seed=seed)
+        coords, owner, ratio = neuron_pca(
+            reader,
+            matrix,
+            max_neurons=mn,
+            k=n_components,
+            seed=seed,
+            kinds=self._pca_kinds,
+            zscore=self.options.neuron_pca_zscore,
+        )
         return PCAResult(coords, [reader.members[int(o)] for o in owner], ratio, [layer], level)
 
 
@@ -314,6 +376,7 @@ def weights(
     layers: LayersArg = None,
     budget_mb: float = 128,
     progress: bool | None = None,
+    options: OptionsArg = None,
 ) -> Weights:
     """The static analyses of a live model or a safetensors checkpoint directory (streamed).
 
@@ -324,6 +387,8 @@ def weights(
         layers: which MoE layers (a layer specification over the MoE layers in depth order).
         budget_mb: MB (fp32) of one chunk of a layer's members; two are in flight (read-ahead).
         progress: progress bar (default: when stderr is a terminal).
+        options: an :class:`~modulart.introspect.options.IntrospectOptions`, ``"reference"`` (the
+            reference notebooks' computations) or None / ``"default"`` (modulart's).
 
     Returns:
         :class:`Weights`.
@@ -333,7 +398,10 @@ def weights(
         >>> w = weights(toy_moe(), progress=False)
         >>> w.layers, w.matrices
         ([0, 1], ['act', 'up', 'down'])
+        >>> weights(toy_moe(), options="reference", progress=False).options.s3_per_matrix
+        True
     """
+    opts = resolve_options(options)
     ok_budget = isinstance(budget_mb, (int, float)) and not isinstance(budget_mb, bool)
     if not (ok_budget and math.isfinite(budget_mb) and budget_mb > 0):
         raise ConfigError(f"budget_mb = {budget_mb!r}: must be a finite number of MB > 0")
@@ -353,4 +421,17 @@ def weights(
         raise InvalidArgumentError(
             f"source must be a model, a checkpoint directory or a WeightSource, got {type(source)}"
         )
-    return Weights(src, layers=layers, budget_mb=budget_mb, progress=progress)
+    return Weights(src, layers=layers, budget_mb=budget_mb, progress=progress, options=opts)
+
+
+def _mean_r2(r: torch.Tensor, decimals: int | None) -> float:
+    """Mean over layers of ``r ** 2`` (NaNs left out), each first rounded to ``decimals`` when given.
+
+    Example:
+        >>> _mean_r2(torch.tensor([0.3, 0.31]), None), _mean_r2(torch.tensor([0.3, 0.31]), 2)
+        (0.09305000305175781, 0.095)
+    """
+    if decimals is None:
+        return float((r**2).nanmean())
+    vals = [round(float(v) ** 2, decimals) for v in r.tolist() if not math.isnan(v)]
+    return sum(vals) / len(vals) if vals else float("nan")

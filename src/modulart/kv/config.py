@@ -1,9 +1,17 @@
-"""Configuration of FFN key/value tuning (spec: shared/specs/kv.md).
+"""Configuration of FFN key/value tuning (Qiu et al., arXiv 2402.12233).
+
+:meth:`KVConfig.reference` is the paper's recipe (github.com/qiuzh20/Tuning-keys-v.s.-values): PEFT
+LoRA ``r=8``, ``lora_alpha=16``, ``lora_dropout=0.1``, ``bias="none"`` on ``q_proj`` and ``v_proj``
+(always) plus the one FFN matrix under study (``up_proj`` or ``gate_proj`` for keys, ``down_proj``
+for values).
 
 Example:
     >>> from modulart.kv import KVConfig
     >>> KVConfig(target="values", mode="lora", rank=4).scale
     4.0
+    >>> ref = KVConfig.reference()
+    >>> ref.mode, ref.rank, ref.alpha, ref.lora_dropout, ref.extra_lora, ref.keys
+    ('lora', 8, 16.0, 0.1, ('q_proj', 'v_proj'), 'up')
     >>> KVConfig(target="queries")
     Traceback (most recent call last):
     ...
@@ -14,7 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import TypeAlias
+from typing import Any, TypeAlias
 
 from modulart.core.operator import OperatorConfig, option
 from modulart.core.select import LayersArg
@@ -56,6 +64,47 @@ class KVConfig(OperatorConfig):
         "dict block path -> list of neuron indices (blocks left out keep every neuron)",
     )
     seed: int = option(0, "seed of the random neuron choice (mask) and of the LoRA A initialisation")
+    extra_lora: tuple[str, ...] = option(
+        (),
+        "lora: further linear maps (path suffixes, 're:<regex>', 'type:<Class>' or '=<path>') that get a LoRA "
+        "delta too (same rank, alpha, dropout), besides the chosen FFN matrices, in every layer whatever 'layers' "
+        "says; the paper's recipe adapts the attention ('q_proj', 'v_proj'); a pattern matching nothing raises",
+    )
+
+    @classmethod
+    def reference(cls, keys: str = "up", **overrides: Any) -> KVConfig:
+        """The paper's recipe: LoRA r=8, alpha=16, dropout 0.1 on ``q_proj`` / ``v_proj`` plus one FFN matrix.
+
+        The reference trains ``target_modules=[q_proj, v_proj, <one of up_proj, gate_proj, down_proj>]``
+        with PEFT LoRA (``bias="none"``) on a 4-bit Llama; every other parameter is frozen. The FFN
+        matrix follows ``target`` / ``keys``: keys ``"up"`` (default) or ``"gate"``, or
+        ``target="values"`` for ``down_proj``. Its optimiser (not part of the config): lr 2e-4,
+        constant after a 3% warmup, 5 epochs.
+
+        Args:
+            keys: ``"up"`` or ``"gate"``, the key matrix of the gated FFN.
+            overrides: any other field (e.g. ``target="values"``, ``layers=...``), validated.
+
+        Raises:
+            ConfigError: an unknown field or a bad value.
+
+        Example:
+            >>> KVConfig.reference(target="values").target
+            'values'
+        """
+        base = cls(
+            target="keys",
+            keys=keys,
+            layers="all",
+            mode="lora",
+            train_biases=False,
+            freeze_rest=True,
+            rank=8,
+            alpha=16.0,
+            lora_dropout=0.1,
+            extra_lora=("q_proj", "v_proj"),
+        )
+        return base.replace(**overrides) if overrides else base
 
     @property
     def scale(self) -> float:
@@ -81,6 +130,13 @@ class KVConfig(OperatorConfig):
             "must lie in [0, 1)",
         )
         self.require(isinstance(self.seed, int) and not isinstance(self.seed, bool), "seed", "must be an int")
+        ex = self.extra_lora
+        self.require(
+            isinstance(ex, (list, tuple)) and all(isinstance(e, str) and e for e in ex),
+            "extra_lora",
+            "must be a list of non-empty selector strings (path suffixes, 're:...', 'type:...', '=path')",
+        )
+        self.require(not ex or self.mode == "lora", "extra_lora", "only mode='lora' adds LoRA to further linear maps")
         n = self.neurons
         if isinstance(n, dict):
             ok = all(

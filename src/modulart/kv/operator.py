@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from modulart.core.errors import IncompatibleArtifactError, NonFiniteError, UnsupportedOperationError
+from modulart.core.naming import free_attribute_name
 from modulart.core.operator import Operator, Plan
 from modulart.core.types import JSONValue, OptimizerLike, StateValue
 from modulart.core.unwrap import is_distributed, refuse_sharded, unwrap_model
@@ -129,7 +130,7 @@ class KV(Operator[KVConfig, KVPlan, KVHandle]):
             handle.set_requires_grad([part.param], cfg.mode != "lora" or part.is_bias)
         for path, lora in handle.lora.items():
             module = lora.ref.module
-            name = _free_name(module, HOLDER if lora.ref.rows is None else f"{HOLDER}_{handle.roles[path]}")
+            name = free_attribute_name(module, HOLDER if lora.ref.rows is None else f"{HOLDER}_{handle.roles[path]}")
             module.add_module(name, lora)
             handle.holders.append((module, name, lora))
             lora.install(handle.registry)
@@ -143,15 +144,6 @@ class KV(Operator[KVConfig, KVPlan, KVHandle]):
         if cfg.mode == "mask" and masked:  # fully_shard after apply: refuse to train unmasked
             block = model.get_submodule(masked[0].block)
             handle.registry.forward_pre(block, lambda module, args: handle.check_masking(), name="kv/sharded")
-
-
-def _free_name(module: nn.Module, base: str) -> str:
-    """``base``, or ``base_2``, ``base_3``... if another handle's holder already sits there."""
-    name, i = base, 1
-    while name in module._modules or hasattr(module, name):
-        i += 1
-        name = f"{base}_{i}"
-    return name
 
 
 def _grad_mask(handle: KVHandle, key: int, shape: list[int]) -> Callable[[torch.Tensor], None]:

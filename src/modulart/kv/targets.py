@@ -32,11 +32,11 @@ from typing import Literal
 import torch
 from torch import nn
 
-from modulart.core.errors import ConfigError, UnsupportedModuleError
+from modulart.core.errors import ConfigError, SelectorError, UnsupportedModuleError
 from modulart.core.ffn import FFN, find_ffns
-from modulart.core.linear import LinearRef
+from modulart.core.linear import LinearRef, is_linear_like
 from modulart.core.moe import MoE, find_moes
-from modulart.core.select import select_views
+from modulart.core.select import as_selector, select_views
 from modulart.kv.config import KVConfig
 
 __all__ = ["Expand", "Part", "choose_blocks", "find_blocks", "neuron_keep", "resolve_parts"]
@@ -50,7 +50,8 @@ class Part:
 
     Attributes:
         block: path of the FFN / MoE block it belongs to.
-        role: ``key`` (plain first layer), ``gate``, ``up``, ``value``, or one of those + ``_bias``.
+        role: ``key`` (plain first layer), ``gate``, ``up``, ``value``, or one of those + ``_bias``;
+            ``extra``: a linear map of ``KVConfig.extra_lora`` (``block`` is its path, ``d_ff`` its outputs).
         name: the stored parameter's name in the model.
         param: the stored parameter.
         axis: the neuron axis in stored orientation (None: not indexed by neurons, e.g. value bias).
@@ -190,7 +191,11 @@ def _fused_parts(moe: MoE, config: KVConfig, names: dict[int, str]) -> list[Part
 
 
 def resolve_parts(model: nn.Module, config: KVConfig, blocks: list[Block] | None = None) -> list[Part]:
-    """Every tensor KV tuning trains under ``config``, in depth order (changes nothing)."""
+    """Every tensor KV tuning trains under ``config`` (changes nothing).
+
+    The FFN / MoE parts come in depth order, then the linear maps of ``config.extra_lora`` in model
+    order (each once; one that is already an FFN part is not repeated).
+    """
     names = _names(model)
     out: list[Part] = []
     for b in choose_blocks(model, config) if blocks is None else blocks:
@@ -202,6 +207,33 @@ def resolve_parts(model: nn.Module, config: KVConfig, blocks: list[Block] | None
                 out += _ffn_parts(f, b.path, experts_path, config, names)
         else:
             out += _fused_parts(b, config, names)
+    return out + _extra_parts(model, config, names, {id(p.param) for p in out})
+
+
+def _extra_parts(model: nn.Module, config: KVConfig, names: dict[int, str], taken: set[int]) -> list[Part]:
+    """``extra_lora``: further linear maps with a LoRA delta (role ``extra``, ``block`` = their path).
+
+    Raises:
+        UnsupportedModuleError: a selected module is not an ``nn.Linear`` / HF ``Conv1D``.
+        SelectorError: a pattern matches nothing.
+    """
+    if not config.extra_lora:
+        return []
+    out: list[Part] = []
+    try:
+        selected = as_selector(list(config.extra_lora)).select(model)
+    except SelectorError as e:
+        raise SelectorError(f"KVConfig.extra_lora = {list(config.extra_lora)!r}: {e}") from None
+    for path, m in selected:
+        if not is_linear_like(m):
+            raise UnsupportedModuleError(
+                f"KVConfig.extra_lora selects {path!r}, a {type(m).__name__}; expected nn.Linear or a HF Conv1D"
+            )
+        ref = LinearRef(m, path)
+        if id(ref.param) in taken:
+            continue
+        taken.add(id(ref.param))
+        out.append(Part(path, "extra", names[id(ref.param)], ref.param, None, ref.out_features, ref=ref))
     return out
 
 

@@ -1,9 +1,17 @@
-"""Configuration of MIGU, magnitude-gated gradient updates (spec: shared/specs/migu.md).
+"""Configuration of MIGU, magnitude-gated gradient updates (Du et al., arXiv 2406.17245).
+
+:meth:`MIGUConfig.reference` is the reference code's behaviour (github.com/wenyudu/MIGU, full
+fine-tuning): every ``nn.Linear`` (LM head included), ``Σ|h|`` over the positions of every forward of
+the step, ``keep = a >= quantile(a, 0.7)`` (its scripts' ``ini_threshold``), gradients of the weights
+only zeroed (biases and optimizer state untouched), no masking in the first task.
 
 Example:
     >>> from modulart.migu import MIGUConfig
     >>> MIGUConfig(keep_ratio=0.25).select
     'quantile'
+    >>> ref = MIGUConfig.reference()
+    >>> ref.targets, ref.freeze_masked_rows, ref.mask_bias, ref.skip_first_task
+    ('type:torch.nn.modules.linear.Linear', False, False, True)
     >>> MIGUConfig(keep_ratio=0.0)
     Traceback (most recent call last):
     ...
@@ -17,11 +25,13 @@ from typing import Any
 
 from modulart.core.operator import OperatorConfig, option
 
-__all__ = ["CONTROLS", "SELECTS", "STATS", "MIGUConfig"]
+__all__ = ["CONTROLS", "REFERENCE_TARGETS", "SELECTS", "STATS", "MIGUConfig"]
 
 STATS = ("abs_sum", "l1_token_mean")
 SELECTS = ("quantile", "topk")
 CONTROLS = ("magnitude", "random")
+REFERENCE_TARGETS = "type:torch.nn.modules.linear.Linear"
+"""Selector spec of the reference's targets: ``isinstance(module, nn.Linear)`` (JSON-safe)."""
 
 
 @dataclasses.dataclass
@@ -59,6 +69,50 @@ class MIGUConfig(OperatorConfig):
     skip_first_task: bool = option(False, "no masking until the first task_boundary() (statistics still recorded)")
     control: str = option("magnitude", "'magnitude' (MIGU) or 'random' (same count, seeded random units: ablation)")
     seed: int = option(0, "seed of the random control")
+
+    @classmethod
+    def reference(cls, **overrides: Any) -> MIGUConfig:
+        """The reference code's MIGU (wenyudu/MIGU, ``src/accelerate_local.py`` + ``uie_trainer_ft.py``).
+
+        Field by field: ``keep_ratio=0.3`` (its scripts pass ``ini_threshold=0.7`` and keep
+        ``a >= torch.quantile(a, 0.7)``), ``stat="abs_sum"`` (``Σ|h|`` over every position of every
+        forward of the optimizer step, reset after the step), ``select="quantile"`` (ties kept),
+        ``targets`` = every ``nn.Linear`` module, subclasses and the LM head included (HF ``Conv1D``
+        is not an ``nn.Linear``: not gated), ``moe=False`` (routers are plain linears there: their
+        statistic is their output), ``mask_bias=False`` (only ``weight.grad`` rows are zeroed),
+        ``freeze_masked_rows=False`` (gradient masking only: AdamW moments and weight decay still
+        move masked rows), ``skip_first_task=True`` (the first task trains without hooks; masking
+        starts after the first :meth:`~modulart.migu.handle.MIGUHandle.task_boundary`),
+        ``control="magnitude"``. Statistics stay fp32 (the reference sums in the model dtype, the
+        same numbers for an fp32 model; ``torch.quantile`` rejects bf16/fp16, so it cannot run in
+        half precision at all). Only forwards run with gradients enabled vote (the reference's hooks
+        count every forward; all of its training forwards have gradients). Masks are applied at
+        ``optimizer.step()``; the reference masks
+        inside ``backward`` (before DeepSpeed's clipping): call ``handle.mask_()`` before
+        ``clip_grad_norm_`` to match that.
+
+        Args:
+            overrides: fields to change on top of the reference values (validated).
+
+        Raises:
+            ConfigError: an unknown field or a bad value.
+
+        Example:
+            >>> MIGUConfig.reference().keep_ratio, MIGUConfig.reference(skip_first_task=False).skip_first_task
+            (0.3, False)
+        """
+        base = cls(
+            keep_ratio=0.3,
+            stat="abs_sum",
+            select="quantile",
+            freeze_masked_rows=False,
+            targets=REFERENCE_TARGETS,
+            moe=False,
+            mask_bias=False,
+            skip_first_task=True,
+            control="magnitude",
+        )
+        return base.replace(**overrides) if overrides else base
 
     def validate(self) -> None:
         ok = isinstance(self.keep_ratio, (int, float)) and not isinstance(self.keep_ratio, bool)

@@ -75,6 +75,7 @@ from modulart.patcher.task import (
     token_errors,
 )
 from modulart.patcher.train import (
+    CleanCheck,
     NeuronSet,
     agree_across_ranks,
     clean_check,
@@ -91,6 +92,7 @@ __all__ = ["PatcherHandle"]
 Pair = tuple[Inputs, Any]
 _TENSOR_KEYS = ("keys", "key_bias", "values", "enabled", "up", "up_bias")
 _JSON_KEYS = ("layer", "patches", "next_patch", "next_edit")
+_MEMORY_KEYS = ("memory", "validation_memory")
 
 
 class PatcherHandle(Handle[PatcherConfig]):
@@ -105,6 +107,8 @@ class PatcherHandle(Handle[PatcherConfig]):
         bank: the patch neurons (fp32).
         memory: ``[N, d_model]`` FFN inputs the patches stay silent on (``None`` before
             :meth:`set_memory`).
+        validation_memory: ``[N_v, d_model]`` FFN inputs of held-out ordinary inputs that
+            ``stop_rule='validation'`` stops on (``None`` before :meth:`set_validation_memory`).
     """
 
     def __init__(self, model: nn.Module, operator: AnyOperator, config: PatcherConfig, plan: PatcherPlan) -> None:
@@ -113,6 +117,7 @@ class PatcherHandle(Handle[PatcherConfig]):
         dev = self.ffn.key_proj.param.device
         self.bank = PatchBank(self.ffn.d_model, self.ffn.values.shape[0], self.ffn.gated, self.ffn.activation, dev)
         self.memory: torch.Tensor | None = None
+        self.validation_memory: torch.Tensor | None = None
         self._patches: dict[str, Patch] = {}
         self._local = threading.local()  # in-flight state of the forward each thread runs
         self._baked: list[tuple[str, nn.Module]] | None = None
@@ -254,6 +259,26 @@ class PatcherHandle(Handle[PatcherConfig]):
         vectors = self._collect(inputs)
         self.memory = mem.cap_memory(vectors, self.config.memory_size, self.config.seed)
 
+    def set_validation_memory(self, inputs: Inputs | Iterable[Inputs]) -> None:
+        """Replace the validation memory with the FFN inputs of ``inputs`` (held-out ordinary inputs).
+
+        ``stop_rule='validation'`` (the reference code's stopping) ends an edit once its memory loss
+        on these vectors stops falling; finished edits' own vectors join it as they join the memory.
+        Vectors are taken as for :meth:`set_memory` and capped at ``memory_size``.
+
+        Example:
+            >>> import torch, modulart.patcher as mp
+            >>> ffn = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.GELU(), torch.nn.Linear(16, 8))
+            >>> p = mp.apply(torch.nn.Sequential(torch.nn.Embedding(50, 8), ffn), config=mp.PatcherConfig.reference())
+            >>> p.set_validation_memory(torch.randint(0, 50, (4, 5)))  # classification: the CLS position
+            >>> p.validation_memory.shape
+            torch.Size([4, 8])
+            >>> p.remove()
+        """
+        self._check_running("set_validation_memory")
+        vectors = self._collect(inputs)
+        self.validation_memory = mem.cap_memory(vectors, self.config.memory_size, self.config.seed + 1)
+
     def add_memory(self, inputs: Inputs | Iterable[Inputs]) -> None:
         """Append the FFN inputs of ``inputs`` to the memory (capped at ``memory_size``)."""
         self._check_running("add_memory")
@@ -331,6 +356,11 @@ class PatcherHandle(Handle[PatcherConfig]):
             raise ConfigError(
                 "PatcherConfig.memory_weight > 0 needs a memory set: call set_memory(ordinary_inputs) before edit()"
             )
+        if cfg.stop_rule == "validation" and not cfg.fixed_steps and self.validation_memory is None:
+            raise ConfigError(
+                "PatcherConfig.stop_rule = 'validation' stops on the memory loss of a validation memory: call "
+                "set_validation_memory(held_out_ordinary_inputs) before edit() (or use stop_rule='margins')"
+            )
         start = time.perf_counter()
         logits, qs = self._clean(examples)
         results: list[EditResult | None] = [None] * len(examples)
@@ -378,10 +408,10 @@ class PatcherHandle(Handle[PatcherConfig]):
         def run(batch: dict[str, torch.Tensor], positional: bool) -> torch.Tensor:
             return run_model(self.model, batch, positional)
 
-        def check(idx: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-            return clean_check(self.model, self.bank, [exs[i] for i in idx], idx, ns, cfg.task)
+        def check(idx: list[int]) -> CleanCheck:
+            return clean_check(self.model, self.bank, [exs[i] for i in idx], idx, ns, cfg)
 
-        outcomes = train_edits(self.model, self.bank, exs, ns, memory, cfg, run, check, seed)
+        outcomes = train_edits(self.model, self.bank, exs, ns, memory, cfg, run, check, seed, self.validation_memory)
         results = []
         for k, (i, out) in enumerate(zip(group, outcomes, strict=True)):
             edit_id = self._new_edit_id()
@@ -390,13 +420,34 @@ class PatcherHandle(Handle[PatcherConfig]):
             if keep:
                 ids = self._commit(ns, out.rows, exs[k], edit_id, out, texts[i] if texts else (None, None))
                 if cfg.append_edits_to_memory:
-                    vec = torch.stack([qs[i][positions[i][j]].float().mean(0) for j in range(len(out.rows))])
+                    vec = self._edit_memory_vectors(qs[i], exs[k], positions[i], len(out.rows))
                     base = self.memory if self.memory is not None else vec[:0]
                     self.memory = mem.cap_memory(torch.cat([base, vec.to(base.device)]), cfg.memory_size, cfg.seed)
+                    if self.validation_memory is not None:
+                        both = torch.cat([self.validation_memory, vec.to(self.validation_memory.device)])
+                        self.validation_memory = mem.cap_memory(both, cfg.memory_size, cfg.seed + 1)
             results.append(
                 EditResult(edit_id, ids, out.success, False, out.steps, out.margins, out.losses, out.seconds)
             )
         return results
+
+    def _edit_memory_vectors(
+        self, q: torch.Tensor, ex: Example, positions: list[list[int]], n_neurons: int
+    ) -> torch.Tensor:
+        """``[M, d]`` clean FFN inputs of a finished edit (``q [L, d]``) that join the memory.
+
+        ``memory_update='neurons'``: one per neuron, the mean over its positions. ``'reference'``
+        (the reference code): its batch of ``views`` eval-mode copies, at the CLS position
+        (classification) or at every position that predicts a target token, flattened copy by copy
+        with the very first and last vector dropped (generation).
+        """
+        cfg = self.config
+        if cfg.memory_update == "neurons":
+            return torch.stack([q[positions[j]].float().mean(0) for j in range(n_neurons)])
+        if cfg.task == "classification":
+            return q[[0] * cfg.views].float()
+        pos = [int(t) for t in ex.label_positions]
+        return q[pos * cfg.views].float()[1:-1]
 
     def _commit(
         self, ns: NeuronSet, rows: list[int], ex: Example, edit_id: str, out: Any, text: tuple[str | None, str | None]
@@ -516,13 +567,15 @@ class PatcherHandle(Handle[PatcherConfig]):
         """The patch tensors and their provenance: everything :meth:`load_state_dict` needs.
 
         Tensors: ``keys``, ``key_bias``, ``values``, ``enabled`` (+ ``up``, ``up_bias`` for gated
-        FFNs; + ``memory`` with ``include_memory``). JSON values: ``layer`` (the FFN path),
-        ``patches`` (the :class:`Patch` records, in bank order), ``next_patch`` / ``next_edit``
-        (the id counters).
+        FFNs; + ``memory`` and ``validation_memory``, when set, with ``include_memory``). JSON
+        values: ``layer`` (the FFN path), ``patches`` (the :class:`Patch` records, in bank order),
+        ``next_patch`` / ``next_edit`` (the id counters).
         """
         out: StateDict = dict(self.bank.state_dict())
         if (include_memory or self._save_memory) and self.memory is not None:
             out["memory"] = self.memory.detach().to("cpu").clone()
+        if (include_memory or self._save_memory) and self.validation_memory is not None:
+            out["validation_memory"] = self.validation_memory.detach().to("cpu").clone()
         out["layer"] = self.ffn.path
         out["patches"] = [p.to_dict() for p in self.patches]
         out["next_patch"] = self._next_patch
@@ -538,7 +591,7 @@ class PatcherHandle(Handle[PatcherConfig]):
             IncompatibleArtifactError: the state belongs to another FFN, lacks entries, or does not fit.
         """
         self._check_editable("load_state_dict")
-        unknown = sorted(set(state) - {*_TENSOR_KEYS, *_JSON_KEYS, "memory"})
+        unknown = sorted(set(state) - {*_TENSOR_KEYS, *_JSON_KEYS, *_MEMORY_KEYS})
         if unknown:
             raise IncompatibleArtifactError(f"patcher state has unknown entries {unknown[:5]}")
         layer = state.get("layer")
@@ -562,18 +615,22 @@ class PatcherHandle(Handle[PatcherConfig]):
         tensors = {k: v for k, v in state.items() if k in _TENSOR_KEYS}
         if not all(isinstance(v, torch.Tensor) for v in tensors.values()):
             raise IncompatibleArtifactError(f"patcher state entries {sorted(tensors)} must be tensors")
-        memory = state.get("memory")
-        if memory is not None and (
-            not isinstance(memory, torch.Tensor) or memory.dim() != 2 or memory.shape[1] != self.ffn.d_model
-        ):
-            shape = tuple(memory.shape) if isinstance(memory, torch.Tensor) else type(memory).__name__
-            raise IncompatibleArtifactError(f"patcher memory {shape} does not fit d_model = {self.ffn.d_model}")
+        memories = {k: state.get(k) for k in _MEMORY_KEYS}
+        for key, memory in memories.items():
+            if memory is not None and (
+                not isinstance(memory, torch.Tensor) or memory.dim() != 2 or memory.shape[1] != self.ffn.d_model
+            ):
+                shape = tuple(memory.shape) if isinstance(memory, torch.Tensor) else type(memory).__name__
+                raise IncompatibleArtifactError(f"patcher {key} {shape} does not fit d_model = {self.ffn.d_model}")
         self.bank.load_state_dict(
             {k: v for k, v in tensors.items() if isinstance(v, torch.Tensor)}, [p.id for p in patches]
         )
         self._patches = {p.id: p for p in patches}
+        memory, validation = memories["memory"], memories["validation_memory"]
         if isinstance(memory, torch.Tensor):
             self.memory = memory.to(self.bank.device, torch.float32).clone()
+        if isinstance(validation, torch.Tensor):
+            self.validation_memory = validation.to(self.bank.device, torch.float32).clone()
         self._next_patch, self._next_edit = counters["next_patch"], counters["next_edit"]
 
     def fingerprint(self) -> Fingerprint:

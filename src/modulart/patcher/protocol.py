@@ -3,7 +3,9 @@
 A stream of edits is applied one on top of the other. Reported, explicitly for both moments:
 
 - ``success``: the edit is right (right after its own edit / on the final model);
-- ``generalisation``: fraction of its equivalent inputs (paraphrases) that are right;
+- ``generalisation``: fraction of its equivalent inputs (paraphrases) that are right (right after
+  each edit: averaged over edits; ``generalisation_pooled``: right paraphrases over all paraphrases
+  of all edits, as the reference code's GR);
 - ``edit_retain``: fraction of all edits made so far that are still right (right after edit t:
   averaged over t; final: over every edit on the final model);
 - ``locality``: per ordinary evaluation set, accuracy relative to the original model
@@ -103,6 +105,12 @@ def _mean(xs: Iterable[float]) -> float:
     return float(sum(vals) / len(vals)) if vals else float("nan")
 
 
+def _pooled(folds: Sequence[Mapping[str, Any]]) -> float:
+    """Paraphrases right just after their edit over all paraphrases, pooled over edits and folds."""
+    total = sum(int(f["paraphrases"]["total"]) for f in folds)
+    return sum(int(f["paraphrases"]["right"]) for f in folds) / total if total else float("nan")
+
+
 def _as_cases(edits: Sequence[EditCase | tuple[Any, ...]]) -> list[EditCase]:
     out = []
     for i, e in enumerate(edits):
@@ -156,7 +164,7 @@ def _run_stream(
         seconds: list[float] = []
         steps: list[int] = []
         skipped = failed = 0
-        neurons = 0
+        neurons = gen_right = gen_total = 0
         for t, c in enumerate(cases):
             if already[t]:
                 skipped += 1
@@ -173,6 +181,8 @@ def _run_stream(
             if equiv_ex[t]:
                 g, _ = evaluate(model, equiv_ex[t], task)
                 after_gen.append(float(g.float().mean()))
+                gen_right += int(g.sum())
+                gen_total += len(equiv_ex[t])
             if locality_every and len(done) % locality_every == 0:
                 curve.append({"edits": len(done), "locality": _locality(model, sets, base, task)})
         final_right, _ = evaluate(model, [edit_ex[i] for i in done], task) if done else (torch.zeros(0), [])
@@ -193,6 +203,7 @@ def _run_stream(
             "generalisation": _mean(after_gen),
             "edit_retain": _mean(after_retain),
         },
+        "paraphrases": {"right": gen_right, "total": gen_total},
         "final": {
             "success": float(final_right.float().mean()) if done else float("nan"),
             "generalisation": float(final_gen.float().mean()) if all_equiv else float("nan"),
@@ -211,6 +222,7 @@ def sequential_edit(
     editor: str | Callable[[nn.Module], Editor] = "patcher",
     config: PatcherConfig | None = None,
     memory: Inputs | Iterable[Inputs] | None = None,
+    validation_memory: Inputs | Iterable[Inputs] | None = None,
     folds: int = 1,
     locality_every: int = 0,
     finetune: Mapping[str, Any] | None = None,
@@ -225,6 +237,8 @@ def sequential_edit(
             (the FT-L baseline with ``finetune`` keyword arguments), or ``model -> editor``.
         config: the patcher's config (``task`` is read from it for every editor).
         memory: ordinary inputs for the patcher's memory set.
+        validation_memory: held-out ordinary inputs for its validation memory (needed by
+            ``stop_rule='validation'``, the reference preset's stopping).
         folds: split the edits into this many independent streams from the original model.
         locality_every: also measure locality every this many edits (0 = only at the end).
 
@@ -238,7 +252,7 @@ def sequential_edit(
     if not isinstance(folds, int) or not 1 <= folds <= len(cases):
         raise ShapeError(f"folds = {folds!r}: must be an int in [1, {len(cases)}]")
     sets = {name: [make_example(x, y, cfg.task) for x, y in pairs] for name, pairs in eval_sets.items()}
-    name, make_editor = _editor_factory(editor, cfg, memory, finetune)
+    name, make_editor = _editor_factory(editor, cfg, memory, validation_memory, finetune)
     base = {k: evaluate(model, v, cfg.task) for k, v in sets.items()}
     size = -(-len(cases) // folds)
     per_fold = [
@@ -257,7 +271,8 @@ def sequential_edit(
         neurons_added=_mean(f["neurons_added"] for f in per_fold),
         seconds_per_edit=_mean(f["seconds_per_edit"] for f in per_fold),
         steps_per_edit=_mean(s for f in per_fold for s in f["steps"]),
-        right_after={k: _mean(f["right_after"][k] for f in per_fold) for k in keys},
+        right_after={k: _mean(f["right_after"][k] for f in per_fold) for k in keys}
+        | {"generalisation_pooled": _pooled(per_fold)},
         final={k: _mean(f["final"][k] for f in per_fold) for k in keys},
         locality=loc,
         locality_curve=per_fold[0]["locality_curve"],
@@ -269,6 +284,7 @@ def _editor_factory(
     editor: str | Callable[[nn.Module], Editor],
     cfg: PatcherConfig,
     memory: Inputs | Iterable[Inputs] | None,
+    validation_memory: Inputs | Iterable[Inputs] | None,
     finetune: Mapping[str, Any] | None,
 ) -> tuple[str, Callable[[nn.Module], Editor]]:
     if callable(editor):
@@ -278,12 +294,14 @@ def _editor_factory(
 
         def make_patcher(model: nn.Module) -> Editor:
             p = apply(model, cfg)
-            if memory is not None:
-                try:
+            try:
+                if memory is not None:
                     p.set_memory(memory)
-                except BaseException:
-                    p.remove()
-                    raise
+                if validation_memory is not None:
+                    p.set_validation_memory(validation_memory)
+            except BaseException:
+                p.remove()
+                raise
             return p
 
         return "patcher", make_patcher

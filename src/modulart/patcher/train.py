@@ -4,12 +4,15 @@ Each edit owns one or more new neurons, applied only to its own batch rows (its 
 with its own loss, gradient clipping, learning rate, plateau halving and stopping; training several
 edits together therefore gives each the same result as training it alone (up to float rounding).
 
-Loss of edit e (spec: shared/specs/patcher.md), with a the new neuron's pre-activation:
+Loss of edit e (Transformer-Patcher, arXiv 2301.09785), with a the new neuron's pre-activation:
 
-    l_e = task loss on the views (label-smoothed CE)
+    l_e = task loss on the views (label-smoothed CE; minus entropy_weight·entropy for classification)
     l_a = mean top-k_a over views×positions of exp(−a_e)
     l_m = mean top-k_m over memory of exp(a_m − β) + mean top-k_m of exp(a_m − ā_e + γ)
     L   = l_e + α·l_a + μ·l_m          (neuron terms averaged over the edit's neurons)
+
+``memory_loss='per_view'`` takes both top-k over memory × views with each view's own activation
+and ``pool_neurons`` one top-k over all of an edit's neurons (the reference code's losses).
 
 Example:
     >>> from modulart.patcher.train import VectorAdam
@@ -32,7 +35,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from modulart.core.errors import NonFiniteError, RankMismatchError
+from modulart.core.errors import ConfigError, NonFiniteError, RankMismatchError
 from modulart.core.fingerprint import fingerprint
 from modulart.core.ranks import broadcast_, rank_groups
 from modulart.patcher.bank import PatchBank, Pending
@@ -41,6 +44,7 @@ from modulart.patcher.records import content_hash
 from modulart.patcher.task import Example, collate, correct, per_example_loss, run_model
 
 __all__ = [
+    "CleanCheck",
     "NeuronSet",
     "TrainOutcome",
     "VectorAdam",
@@ -49,6 +53,7 @@ __all__ = [
     "init_neurons",
     "model_digest",
     "train_edits",
+    "validation_memory_loss",
 ]
 
 _MAX_EXP = 60.0
@@ -195,10 +200,45 @@ def init_neurons(
     return ns
 
 
+def _top_mean(x: torch.Tensor, k: int, owner: torch.Tensor, n_edits: int, pooled: bool) -> torch.Tensor:
+    """Mean of the top-``k`` of ``x [M, Pn, W]``: per neuron (over M·W) then averaged over each edit's
+    neurons, or ``pooled`` over all of an edit's neurons together (over M·W·|J_e|). Returns ``[n_edits]``."""
+    if not pooled:
+        flat = x.transpose(0, 1).reshape(x.shape[1], -1)
+        per = flat.topk(min(k, flat.shape[1]), dim=1).values.mean(1)
+        return _per_edit(per, owner, n_edits)
+    out = []
+    for e in range(n_edits):
+        vals = x[:, owner == e].reshape(-1)
+        out.append(vals.topk(min(k, vals.numel())).values.mean())
+    return torch.stack(out)
+
+
+def _memory_terms(
+    a_m: torch.Tensor, a_views: torch.Tensor, ns: NeuronSet, n_edits: int, cfg: PatcherConfig
+) -> torch.Tensor:
+    """l_m ``[n_edits]`` from memory activations ``a_m [N, Pn]`` and edit activations ``a_views [Pn, W]``.
+
+    ``W`` = 1 (``memory_loss='mean_view'``: the view mean) or the views (``'per_view'``: every
+    (memory vector, view) pair is one entry, the silence term's entries repeat per view).
+    """
+    w = a_views.shape[1]
+    silence = (a_m - cfg.silence_margin).clamp(max=_MAX_EXP).exp()[:, :, None].expand(-1, -1, w)
+    margin = (a_m[:, :, None] - a_views[None] + cfg.edit_margin).clamp(max=_MAX_EXP).exp()  # [N, Pn, W]
+    k, pooled = cfg.memory_top_k, cfg.pool_neurons
+    return _top_mean(silence, k, ns.owner, n_edits, pooled) + _top_mean(margin, k, ns.owner, n_edits, pooled)
+
+
+def _edit_views(a_e: torch.Tensor, a_v: torch.Tensor, cfg: PatcherConfig) -> torch.Tensor:
+    """The edit activations the margin term compares against: ``[Pn, 1]`` (view mean) or ``[Pn, V]``."""
+    return a_v if cfg.memory_loss == "per_view" else a_e[:, None]
+
+
 def _neuron_terms(
-    a: torch.Tensor, ns: NeuronSet, views: int, memory: torch.Tensor, cfg: PatcherConfig
+    a: torch.Tensor, ns: NeuronSet, views: int, memory: torch.Tensor, cfg: PatcherConfig, n_edits: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per neuron: l_a ``[Pn]``, l_m ``[Pn]``, mean edit activation ā_e ``[Pn]``, memory activations ``[N, Pn]``."""
+    """Per edit l_a and l_m ``[n_edits]``; per neuron the mean edit activation ā_e ``[Pn]``; memory
+    activations ``[N, Pn]``. ``a [B, L, Pn]`` are the new neurons' pre-activations on the views."""
     n, seq = ns.keys.shape[0], a.shape[1]
     dev = a.device
     rows = ns.owner[:, None] * views + torch.arange(views, device=dev)[None]  # [Pn, V]
@@ -209,15 +249,39 @@ def _neuron_terms(
         pos_mask[j, pos] = True
     valid = pos_mask[:, None, :].expand_as(sel)
     count = valid.flatten(1).sum(1).float()  # [Pn]
-    a_e = (sel * valid).flatten(1).sum(1) / count
+    masked = sel * valid
+    a_e = masked.flatten(1).sum(1) / count
+    a_v = masked.sum(2) / valid.sum(2).float()  # [Pn, V]: each view's activation (mean over positions)
     neg = torch.where(valid, (-sel).clamp(max=_MAX_EXP).exp(), torch.zeros_like(sel)).flatten(1)
-    k_a = min(cfg.activation_top_k, neg.shape[1])
-    l_a = neg.topk(k_a, dim=1).values.sum(1) / count.clamp(max=k_a)
+    k_a = cfg.activation_top_k
+    if cfg.pool_neurons:
+        l_a = torch.stack(
+            [
+                neg[ns.owner == e].reshape(-1).topk(min(k_a, int((ns.owner == e).sum()) * neg.shape[1])).values.sum()
+                / count[ns.owner == e].sum().clamp(max=k_a)
+                for e in range(n_edits)
+            ]
+        )
+    else:
+        per = neg.topk(min(k_a, neg.shape[1]), dim=1).values.sum(1) / count.clamp(max=k_a)
+        l_a = _per_edit(per, ns.owner, n_edits)
     a_m = memory @ ns.keys.T + ns.key_bias  # [N, Pn]
-    k_m = min(cfg.memory_top_k, a_m.shape[0])
-    silence = (a_m - cfg.silence_margin).clamp(max=_MAX_EXP).exp().topk(k_m, dim=0).values.mean(0)
-    margin = (a_m - a_e[None] + cfg.edit_margin).clamp(max=_MAX_EXP).exp().topk(k_m, dim=0).values.mean(0)
-    return l_a, silence + margin, a_e, a_m
+    l_m = _memory_terms(a_m, _edit_views(a_e, a_v, cfg), ns, n_edits, cfg)
+    return l_a, l_m, a_e, a_m
+
+
+def _entropy(logits: torch.Tensor) -> torch.Tensor:
+    """``[B]`` entropy of the softmax of classification logits ``[B, C]`` (fp32)."""
+    logp = logits.float().log_softmax(-1)
+    return -(logp.exp() * logp).sum(-1)
+
+
+def _edit_loss(logits: torch.Tensor, examples: Sequence[Example], cfg: PatcherConfig) -> torch.Tensor:
+    """``[B]`` edit loss: label-smoothed CE, minus ``entropy_weight`` × entropy (classification)."""
+    loss = per_example_loss(logits, examples, cfg.task, cfg.smoothing)
+    if cfg.entropy_weight > 0:
+        loss = loss - cfg.entropy_weight * _entropy(logits)
+    return loss
 
 
 def _per_edit(values: torch.Tensor, owner: torch.Tensor, n_edits: int) -> torch.Tensor:
@@ -247,6 +311,91 @@ def _margins(a_e: torch.Tensor, a_m: torch.Tensor, cfg: PatcherConfig) -> tuple[
     return ok, top
 
 
+@dataclass
+class CleanCheck:
+    """Eval-mode check of some edits with their pending neurons (see :func:`clean_check`).
+
+    Attributes:
+        right: ``[n]`` bool, the model is right on each checked edit.
+        a_e: ``[Pn]`` each neuron's mean pre-activation over its positions (NaN: not checked).
+        loss: ``[n]`` the eval-mode edit loss (the training edit loss: smoothing, entropy term).
+    """
+
+    right: torch.Tensor
+    a_e: torch.Tensor
+    loss: torch.Tensor
+
+
+class _Plateau:
+    """Per-edit learning rates: the default plateau halving or the reference code's rule.
+
+    ``train_plateau``: halve after ``plateau_patience`` steps whose training loss did not fall by
+    0.01 %, down to ``min_lr``. ``reference``: at each check (every ``check_every`` steps) on the
+    eval-mode edit loss, a check is bad unless the loss fell 5 % below the best so far; after two
+    bad checks in a row the rate halves (unless that changes it by less than 1e-8) and the count
+    restarts.
+    """
+
+    def __init__(self, n_edits: int, cfg: PatcherConfig, dev: torch.device) -> None:
+        self.cfg = cfg
+        self.lr = torch.full((n_edits,), float(cfg.lr), device=dev)
+        self.best = torch.full((n_edits,), math.inf, device=dev)
+        self.bad = torch.zeros(n_edits, dtype=torch.long, device=dev)
+
+    def train_loss(self, loss: torch.Tensor, active: torch.Tensor) -> None:
+        if self.cfg.lr_schedule != "train_plateau":
+            return
+        improved = loss < self.best * (1 - 1e-4)
+        self.best = torch.where(improved, loss, self.best)
+        self.bad = torch.where(improved, torch.zeros_like(self.bad), self.bad + 1)
+        halve = active & (self.bad >= self.cfg.plateau_patience)
+        self.lr = torch.where(halve, (self.lr / 2).clamp(min=self.cfg.min_lr), self.lr)
+        self.bad = torch.where(halve, torch.zeros_like(self.bad), self.bad)
+
+    def check_loss(self, idx: list[int], loss: torch.Tensor) -> None:
+        for e, v in zip(idx, loss.tolist(), strict=True):
+            if v < float(self.best[e]) * (1 - 0.05):
+                self.best[e], self.bad[e] = v, 0
+                continue
+            self.bad[e] += 1
+            if int(self.bad[e]) > 1:
+                if float(self.lr[e]) * 0.5 > 1e-8:
+                    self.lr[e] = self.lr[e] * 0.5
+                self.bad[e] = 0
+
+
+class _ValidationStop:
+    """The reference code's stopping: at each check past ``check_start`` where the edit is right,
+    record its memory loss on the validation memory; stop when the latest did not fall 0.001 below
+    the best recorded (so at the second such check at the earliest)."""
+
+    def __init__(self, n_edits: int) -> None:
+        self.history: list[list[float]] = [[] for _ in range(n_edits)]
+
+    def stop(self, e: int, value: float) -> bool:
+        h = self.history[e]
+        h.append(value)
+        best = 0
+        for i, v in enumerate(h):
+            if v < h[best] - 1e-3:
+                best = i
+        return best < len(h) - 1
+
+
+def validation_memory_loss(
+    a_clean: torch.Tensor, ns: NeuronSet, validation_memory: torch.Tensor, idx: list[int], cfg: PatcherConfig
+) -> torch.Tensor:
+    """``[len(idx)]`` memory loss l_m of edits ``idx`` on ``validation_memory [N, d]`` in eval mode.
+
+    ``a_clean [Pn]`` are the eval-mode edit activations; with ``memory_loss='per_view'`` they stand
+    for ``views`` identical eval-mode views, as in the reference code's validation batch.
+    """
+    w = cfg.views if cfg.memory_loss == "per_view" else 1
+    a_vm = validation_memory @ ns.keys.T + ns.key_bias  # [N, Pn]
+    l_m = _memory_terms(a_vm, a_clean[:, None].expand(-1, w), ns, int(ns.owner.max()) + 1, cfg)
+    return l_m[torch.tensor(idx, device=l_m.device)]
+
+
 def train_edits(
     model: nn.Module,
     bank: PatchBank,
@@ -255,30 +404,49 @@ def train_edits(
     memory: torch.Tensor,
     cfg: PatcherConfig,
     run: Callable[[dict[str, torch.Tensor], bool], torch.Tensor],
-    clean_check: Callable[[list[int]], tuple[torch.Tensor, torch.Tensor]],
+    clean_check: Callable[[list[int]], CleanCheck],
     seed: int,
+    validation_memory: torch.Tensor | None = None,
 ) -> list[TrainOutcome]:
     """Train ``ns`` (the new neurons of ``examples``) with the base model frozen.
 
+    Every stopping decision is taken on the neurons that are then stored: each iteration first
+    evaluates the current neurons (training loss, and when an edit may stop the eval-mode check),
+    stops the edits that pass, and only then takes the optimizer step of the others. ``steps`` is
+    the number of optimizer steps an edit's neurons took.
+
     Args:
+        memory: ``[N, d]`` FFN inputs of ordinary inputs (the memory loss).
         run: ``run(batch, positional) -> logits`` of the model (hooks active).
-        clean_check: ``clean_check(edit_indices) -> (correct [n] bool, a_e [Pn_sel] clean pre-activations)``
-            in eval mode with the pending neurons of those edits only.
+        clean_check: ``clean_check(edit_indices) -> CleanCheck`` in eval mode with the pending
+            neurons of those edits only.
+        validation_memory: ``[N_v, d]``, needed by ``stop_rule='validation'``.
 
     The model's ``requires_grad`` flags and train/eval mode are restored afterwards, and
     ``bank.pending`` is cleared whatever happens.
+
+    Raises:
+        ConfigError: ``stop_rule='validation'`` without a validation memory.
+        NonFiniteError: a loss became NaN or inf (no patch is added).
     """
+    if cfg.stop_rule == "validation" and not cfg.fixed_steps and validation_memory is None:
+        raise ConfigError(
+            "PatcherConfig.stop_rule = 'validation' stops on the memory loss of a validation memory: call "
+            "handle.set_validation_memory(ordinary_inputs) first (or use stop_rule='margins')"
+        )
     n_edits, views = len(examples), cfg.views
     dev = bank.device
     start = time.perf_counter()
     batch = collate(examples, repeat=views)
     rep = [e for e in examples for _ in range(views)]
     rows_mask = (torch.arange(n_edits * views, device=dev)[:, None] // views == ns.owner[None]).float()
-    lr = torch.full((n_edits,), float(cfg.lr), device=dev)
+    rates = _Plateau(n_edits, cfg, dev)
+    groups = rank_groups(model)  # FSDP2: every rank follows the first rank's stopping decisions
+    stopper = _Stopper(
+        cfg, ns, clean_check, rates, _ValidationStop(n_edits), validation_memory, lambda t: broadcast_([t], groups, dev)
+    )
     active = torch.ones(n_edits, dtype=torch.bool, device=dev)
-    opt = VectorAdam(ns.params(), lr[ns.owner], cfg.weight_decay)
-    best = torch.full((n_edits,), math.inf, device=dev)
-    stall = torch.zeros(n_edits, dtype=torch.long, device=dev)
+    opt = VectorAdam(ns.params(), rates.lr[ns.owner], cfg.weight_decay)
     # settling: steps since the loss last fell by 1% (coarser than the plateau rule, not reset by halving)
     settle_best = torch.full((n_edits,), math.inf, device=dev)
     since_best = torch.zeros(n_edits, dtype=torch.long, device=dev)
@@ -286,7 +454,6 @@ def train_edits(
     losses: list[list[float]] = [[] for _ in range(n_edits)]
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
     was_training = model.training
-    groups = rank_groups(model)  # FSDP2: every rank follows the first rank's stopping decisions
     from tqdm.auto import tqdm
 
     bar = tqdm(total=cfg.max_steps, desc="patch", unit="step", leave=False, disable=_no_bar(cfg.progress))
@@ -296,7 +463,7 @@ def train_edits(
             p.requires_grad_(False)
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(seed)
-            for _ in range(cfg.max_steps):
+            for it in range(cfg.max_steps):
                 model.train(cfg.dropout_views)
                 bank.pending = Pending(ns.keys, ns.key_bias, ns.values, rows_mask, ns.up, ns.up_bias)
                 logits = run(batch, examples[0].positional)
@@ -304,10 +471,27 @@ def train_edits(
                 assert a is not None, "the patch hook did not run"
                 if a.dim() == 2:
                     a = a[:, None]
-                l_e = per_example_loss(logits, rep, cfg.task, cfg.smoothing).reshape(n_edits, views).mean(1)
-                l_a, l_m, a_e, a_m = _neuron_terms(a, ns, views, memory, cfg)
-                per_edit = l_e + cfg.activation_weight * _per_edit(l_a, ns.owner, n_edits)
-                per_edit = per_edit + cfg.mu * _per_edit(l_m, ns.owner, n_edits)
+                l_e = _edit_loss(logits, rep, cfg).reshape(n_edits, views).mean(1)
+                l_a, l_m, a_e, a_m = _neuron_terms(a, ns, views, memory, cfg, n_edits)
+                per_edit = l_e + cfg.activation_weight * l_a + cfg.mu * l_m
+                if not bool(per_edit.detach()[active].isfinite().all()):
+                    bad = [e for e in active.nonzero().flatten().tolist() if not bool(per_edit[e].isfinite())]
+                    raise NonFiniteError(
+                        f"patch training: the loss of edit(s) {bad} is NaN or inf at step {int(steps.max())} "
+                        f"(the model's outputs on the edit, or the config's lr / weights); no patch was added"
+                    )
+                pe = per_edit.detach()
+                for e in active.nonzero().flatten().tolist():
+                    losses[e].append(float(pe[e]))
+                if not cfg.fixed_steps:
+                    fell = pe < settle_best * (1 - 1e-2)
+                    settle_best = torch.where(fell, pe, settle_best)
+                    since_best = torch.where(fell, torch.zeros_like(since_best), since_best + 1)
+                    stop = stopper(it, logits, rep, a_e, a_m, active, since_best)
+                    broadcast_([stop], groups, dev)
+                    active &= ~stop
+                    if not bool(active.any()):
+                        break
                 # gradients of the new neurons only: nothing accumulates into the model's .grad (under
                 # FSDP2 the frozen flags reach only the parameters registered at the time, and a
                 # backward() would reduce-scatter edit gradients into the others)
@@ -315,48 +499,12 @@ def train_edits(
                 grads = torch.autograd.grad((per_edit * active).sum(), params, allow_unused=True)
                 for t, g in zip(params, grads, strict=True):
                     t.grad = g
-                if not bool(per_edit.detach()[active].isfinite().all()):
-                    bad = [e for e in active.nonzero().flatten().tolist() if not bool(per_edit[e].isfinite())]
-                    raise NonFiniteError(
-                        f"patch training: the loss of edit(s) {bad} is NaN or inf at step {int(steps.max())} "
-                        f"(the model's outputs on the edit, or the config's lr / weights); no patch was added"
-                    )
                 _clip_(ns, n_edits, cfg.grad_clip)
-                opt.lr = (lr * active)[ns.owner]
+                opt.lr = (rates.lr * active)[ns.owner]
                 opt.step()
-                pe = per_edit.detach()
-                for e in active.nonzero().flatten().tolist():
-                    losses[e].append(float(pe[e]))
-                    steps[e] += 1
-                improved = pe < best * (1 - 1e-4)
-                best = torch.where(improved, pe, best)
-                stall = torch.where(improved, torch.zeros_like(stall), stall + 1)
-                fell = pe < settle_best * (1 - 1e-2)
-                settle_best = torch.where(fell, pe, settle_best)
-                since_best = torch.where(fell, torch.zeros_like(since_best), since_best + 1)
-                halve = active & (stall >= cfg.plateau_patience)
-                lr = torch.where(halve, (lr / 2).clamp(min=cfg.min_lr), lr)
-                stall = torch.where(halve, torch.zeros_like(stall), stall)
+                steps[active.cpu()] += 1
+                rates.train_loss(pe, active)
                 bar.update(1)
-                if cfg.fixed_steps:
-                    continue
-                with torch.no_grad():
-                    view_ok = correct(logits.detach(), rep, cfg.task).reshape(n_edits, views).all(1)
-                    ok_n, _ = _margins(a_e.detach(), a_m.detach(), cfg)
-                    margin_ok = _per_edit(ok_n.float(), ns.owner, n_edits) == 1
-                settled = margin_ok | (since_best >= cfg.stop_patience) | (not cfg.require_margins)
-                cand = active & view_ok & settled
-                broadcast_([cand], groups, dev)
-                if bool(cand.any()):
-                    idx = cand.nonzero().flatten().tolist()
-                    bank.pending = None
-                    right, _ = clean_check(idx)
-                    for e, r in zip(idx, right.tolist(), strict=True):
-                        if r:
-                            active[e] = False
-                broadcast_([active], groups, dev)
-                if not bool(active.any()):
-                    break
     finally:
         bank.pending = None
         bar.close()
@@ -364,7 +512,8 @@ def train_edits(
         for n, p in model.named_parameters():
             p.requires_grad_(flags.get(n, p.requires_grad))
     broadcast_(ns.params(), groups, dev)  # the first rank's neurons, bitwise, on every rank
-    right, a_clean = clean_check(list(range(n_edits)))
+    final = clean_check(list(range(n_edits)))
+    a_clean = final.a_e
     with torch.no_grad():
         a_m = memory @ ns.keys.T + ns.key_bias
         _, top = _margins(a_clean, a_m, cfg)
@@ -381,17 +530,88 @@ def train_edits(
             }
             for j in rows
         ]
-        out.append(TrainOutcome(bool(right[e]), int(steps[e]), losses[e], rows, margins, seconds))
+        out.append(TrainOutcome(bool(final.right[e]), int(steps[e]), losses[e], rows, margins, seconds))
     return out
 
 
+@dataclass
+class _Stopper:
+    """Which active edits stop now, their current neurons (after ``it`` steps) being final.
+
+    ``stop_rule='margins'``: right on every training view and, in eval mode, right with both
+    margins holding on the eval-mode activations (or, with ``stop_patience``, settled). The
+    reference rule: at checks (``it`` a multiple of ``check_every``, ``it - 1 >= check_start``),
+    right in eval mode and the validation-memory loss no longer falling. The reference learning
+    rate rule acts at the same checks. ``agree`` makes every rank of a sharded model take the first
+    rank's candidates (the eval-mode check is a collective forward there).
+    """
+
+    cfg: PatcherConfig
+    ns: NeuronSet
+    clean_check: Callable[[list[int]], CleanCheck]
+    rates: _Plateau
+    val_stop: _ValidationStop
+    validation_memory: torch.Tensor | None
+    agree: Callable[[torch.Tensor], None]
+
+    def __call__(
+        self,
+        it: int,
+        logits: torch.Tensor,
+        rep: Sequence[Example],
+        a_e: torch.Tensor,
+        a_m: torch.Tensor,
+        active: torch.Tensor,
+        since_best: torch.Tensor,
+    ) -> torch.Tensor:
+        """``[n_edits]`` bool: the edits to stop (``a_e [Pn]`` / ``a_m [N, Pn]`` of this iteration's forward)."""
+        cfg, ns, clean_check, rates = self.cfg, self.ns, self.clean_check, self.rates
+        n_edits = active.shape[0]
+        stop = torch.zeros_like(active)
+        at_check = it > 0 and it % cfg.check_every == 0
+        if at_check and (cfg.stop_rule == "validation" or cfg.lr_schedule == "reference"):
+            idx = active.nonzero().flatten().tolist()
+            chk = clean_check(idx)
+            if cfg.lr_schedule == "reference":
+                rates.check_loss(idx, chk.loss)
+            if cfg.stop_rule == "validation" and it - 1 >= cfg.check_start:
+                assert self.validation_memory is not None
+                with torch.no_grad():
+                    vl = validation_memory_loss(chk.a_e, ns, self.validation_memory, idx, cfg)
+                for k, e in enumerate(idx):
+                    if bool(chk.right[k]) and self.val_stop.stop(e, float(vl[k])):
+                        stop[e] = True
+        if cfg.stop_rule == "validation":
+            return stop
+        with torch.no_grad():
+            view_ok = correct(logits.detach(), rep, cfg.task).reshape(n_edits, cfg.views).all(1)
+            ok_n, _ = _margins(a_e.detach(), a_m.detach(), cfg)
+            margin_ok = _per_edit(ok_n.float(), ns.owner, n_edits) == 1
+        settled = since_best >= cfg.stop_patience
+        cand = active & view_ok & (margin_ok | settled | (not cfg.require_margins))
+        self.agree(cand)
+        if not bool(cand.any()):
+            return stop
+        idx = cand.nonzero().flatten().tolist()
+        chk = clean_check(idx)
+        with torch.no_grad():
+            ok_clean, _ = _margins(chk.a_e, a_m.detach(), cfg)
+        for k, e in enumerate(idx):
+            mine = ns.owner == e
+            margins_hold = bool(ok_clean[mine].all())
+            if bool(chk.right[k]) and (margins_hold or bool(settled[e]) or not cfg.require_margins):
+                stop[e] = True
+        return stop
+
+
 def clean_check(
-    model: nn.Module, bank: PatchBank, sub: Sequence[Example], idx: list[int], ns: NeuronSet, task: str
-) -> tuple[torch.Tensor, torch.Tensor]:
+    model: nn.Module, bank: PatchBank, sub: Sequence[Example], idx: list[int], ns: NeuronSet, cfg: PatcherConfig
+) -> CleanCheck:
     """Eval-mode check of edits ``idx`` (examples ``sub``) with their pending neurons only.
 
-    Returns ``(right [len(idx)] bool, a_e [Pn])``: ``a_e[j]`` is neuron j's mean pre-activation over its
-    positions on the clean input (NaN for neurons of edits not in ``idx``).
+    Returns the :class:`CleanCheck`: ``right [len(idx)]``, ``a_e [Pn]`` (neuron j's mean
+    pre-activation over its positions on the clean input; NaN for neurons of edits not in ``idx``)
+    and the eval-mode edit loss ``[len(idx)]``.
     """
     dev = bank.device
     rows = (torch.tensor(idx, device=dev)[:, None] == ns.owner[None]).float()
@@ -405,14 +625,15 @@ def clean_check(
             a = bank.pending.pre_activations
             assert a is not None, "the patch hook did not run"
             a = a[:, None] if a.dim() == 2 else a
-            right = correct(logits, sub, task).cpu()
+            right = correct(logits, sub, cfg.task).cpu()
+            loss = _edit_loss(logits, sub, cfg).float().cpu()
             for r, e in enumerate(idx):
                 for j in (ns.owner == e).nonzero().flatten().tolist():
                     a_e[j] = a[r, ns.positions[j], j].mean()
     finally:
         bank.pending = None
         model.train(was)
-    return right, a_e
+    return CleanCheck(right, a_e, loss)
 
 
 def _no_bar(progress: bool | None) -> bool:
