@@ -1952,6 +1952,32 @@ def _empty_dir(ctx: Ctx) -> str:
     return str(ctx.dir("empty"))
 
 
+NOT_CACHED = "modulart-tests/no-such-model"  # a Hub repo id that no cache holds
+
+
+def _flat_safetensors(ctx: Ctx) -> str:
+    """A safetensors file whose tensors form no block list (``blocks.<i>.…``)."""
+    from safetensors.torch import save_file
+
+    f = ctx.dir("flat") / "flat.safetensors"
+    save_file({"embed.weight": torch.zeros(4, 2), "head.weight": torch.zeros(2, 4)}, str(f))
+    return str(f)
+
+
+def _bench_dir(ctx: Ctx) -> str:
+    """A benchmarks folder with one script, ``one.py``, that has no ``--quick`` mode."""
+    d = ctx.dir("benchmarks")
+    (d / "one.py").write_text('if __name__ == "__main__":\n    print("one")\n')
+    return str(d)
+
+
+def _bench_with_foreign_md(ctx: Ctx) -> list[str]:
+    d = _bench_dir(ctx)
+    out = ctx.dir("bench-out")
+    (out / "bench.md").write_text("my own notes\n")
+    return ["bench", "--dir", d, "--out", str(out)]
+
+
 CLI_ROWS: list[CliRow] = [
     CliRow(
         "cli-inspect-empty-dir",
@@ -1964,14 +1990,14 @@ CLI_ROWS: list[CliRow] = [
         "cli-inspect-truncated",
         "`modulart inspect CKPT` with a truncated shard",
         _cli_with(_corrupt("moe_ckpt", lambda d: _truncate(_moe_shard(d))), "inspect", "--out", "{ctx.scratch}/never"),
-        3,
+        1,
         "not a readable safetensors file",
     ),
     CliRow(
         "cli-inspect-index-traversal",
         "`modulart inspect CKPT` whose index points outside the folder",
         _cli_with(_corrupt("moe_ckpt", _traversal_index), "inspect", "--out", "{ctx.scratch}/never"),
-        3,
+        1,
         "leaves the folder",
     ),
     CliRow(
@@ -1983,7 +2009,7 @@ CLI_ROWS: list[CliRow] = [
             "--out",
             "{ctx.scratch}/never",
         ),
-        3,
+        1,
         "model.safetensors.index.json",
     ),
     CliRow(
@@ -2003,7 +2029,7 @@ CLI_ROWS: list[CliRow] = [
             "--factor",
             "2",
         ),
-        3,
+        1,
         "truncated",
     ),
     CliRow(
@@ -2016,14 +2042,14 @@ CLI_ROWS: list[CliRow] = [
             "--factor",
             "2",
         ),
-        3,
+        1,
         "model.safetensors",
     ),
     CliRow(
         "cli-grow-index-traversal",
         "`modulart grow CKPT OUT --factor 2` whose index points outside the folder",
         _cli_with(_corrupt("ckpt", _traversal_ckpt), "grow", "{ctx.scratch}/never", "--factor", "2"),
-        3,
+        1,
         "leaves the folder",
     ),
     CliRow(
@@ -2031,7 +2057,7 @@ CLI_ROWS: list[CliRow] = [
         "`modulart grow CKPT OUT --factor 2 --blocks nothing.here`",
         _cli("grow", "{ctx.ckpt}", "{ctx.scratch}/never", "--factor", "2", "--blocks", "nothing.here"),
         2,
-        "nothing.here",
+        "--blocks 'nothing.here'",
     ),
     CliRow("cli-no-command", "`modulart` with no command", _cli(), 2, "required"),
     CliRow("cli-unknown-command", "`modulart frobnicate`", _cli("frobnicate"), 2, "invalid choice"),
@@ -2040,7 +2066,7 @@ CLI_ROWS: list[CliRow] = [
         "`modulart inspect no/such/dir`",
         _cli("inspect", "{ctx.scratch}/nope"),
         2,
-        "not a checkpoint directory",
+        "no such file or directory",
     ),
     CliRow(
         "cli-inspect-budget-negative",
@@ -2088,28 +2114,28 @@ CLI_ROWS: list[CliRow] = [
         "cli-inspect-out-user-dir",
         "`modulart inspect CKPT --out DIR` with DIR holding user files",
         _cli("inspect", "{ctx.moe_ckpt}", "--out", "{ctx.user}", "--no-plots"),
-        3,
+        2,
         "notes.txt",
     ),
     CliRow(
         "cli-inspect-out-is-ckpt",
         "`modulart inspect CKPT --out CKPT`",
         _cli("inspect", "{ctx.moe_ckpt}", "--out", "{ctx.moe_ckpt}", "--no-plots"),
-        3,
+        2,
         "inside it, or contains it",
     ),
     CliRow(
         "cli-inspect-out-inside-ckpt",
         "`modulart inspect CKPT --out CKPT/sub` (the report would land inside the checkpoint)",
         _cli("inspect", "{ctx.moe_ckpt}", "--out", "{ctx.moe_ckpt}/report", "--no-plots"),
-        3,
+        2,
         "inside it, or contains it",
     ),
     CliRow(
         "cli-inspect-dense",
         "`modulart inspect DENSE_CKPT` (no MoE layers)",
         _cli("inspect", "{ctx.ckpt}", "--out", "{ctx.scratch}/never"),
-        4,
+        1,
         "no MoE block",
     ),
     CliRow(
@@ -2159,20 +2185,20 @@ CLI_ROWS: list[CliRow] = [
         "`modulart grow CKPT OUT --factor 2 --max-shard-size huge`",
         _cli("grow", "{ctx.ckpt}", "{ctx.scratch}/never", "--factor", "2", "--max-shard-size", "huge"),
         2,
-        "max_shard_size",
+        "--max-shard-size 'huge'",
     ),
     CliRow(
         "cli-grow-into-source",
         "`modulart grow CKPT CKPT/big --factor 2`",
         _cli("grow", "{ctx.ckpt}", "{ctx.ckpt}/big", "--factor", "2"),
-        3,
+        2,
         "inside it",
     ),
     CliRow(
         "cli-grow-over-user-dir",
         "`modulart grow CKPT DIR --factor 2 --overwrite`, DIR holds user files",
         _cli("grow", "{ctx.ckpt}", "{ctx.user}", "--factor", "2", "--overwrite"),
-        3,
+        2,
         "notes.txt",
     ),
     CliRow(
@@ -2180,7 +2206,7 @@ CLI_ROWS: list[CliRow] = [
         "`modulart grow CKPT DIR --factor 2` with DIR existing",
         _cli("grow", "{ctx.ckpt}", "{ctx.user}", "--factor", "2"),
         2,
-        "exists",
+        "pass --overwrite",
     ),
     CliRow(
         "cli-grow-operator",
@@ -2188,6 +2214,181 @@ CLI_ROWS: list[CliRow] = [
         _cli("grow", "{ctx.ckpt}", "{ctx.scratch}/never", "--factor", "2", "--operator", "learn"),
         2,
         "invalid choice",
+    ),
+    CliRow(
+        "cli-grow-empty-dir",
+        "`modulart grow DIR OUT --factor 2` of a folder without safetensors files",
+        _cli_with(_empty_dir, "grow", "{ctx.scratch}/never", "--factor", "2"),
+        2,
+        "is not a checkpoint: no model.safetensors.index.json",
+    ),
+    CliRow(
+        "cli-grow-no-block-list",
+        "`modulart grow FILE OUT --factor 2`, a safetensors file without numbered blocks",
+        _cli_with(_flat_safetensors, "grow", "{ctx.scratch}/never", "--factor", "2"),
+        1,
+        "found no block list",
+    ),
+    CliRow(
+        "cli-grow-plan-range",
+        "`modulart grow CKPT OUT --plan 0-2` (2 layers)",
+        _cli("grow", "{ctx.ckpt}", "{ctx.scratch}/never", "--plan", "0-2"),
+        2,
+        "--plan '0-2': position 2 names layer 2",
+    ),
+    CliRow(
+        "cli-grow-dus-large",
+        "`modulart grow CKPT OUT --dus 5` (2 layers)",
+        _cli("grow", "{ctx.ckpt}", "{ctx.scratch}/never", "--dus", "5"),
+        2,
+        "--dus 5: must lie in [0, 2)",
+    ),
+    CliRow(
+        "cli-grow-hub-missing",
+        "`modulart grow org/name OUT --factor 2`, a Hub repo id not in the local cache",
+        _cli("grow", NOT_CACHED, "{ctx.scratch}/never", "--factor", "2"),
+        2,
+        "in the local Hugging Face cache",
+    ),
+    CliRow(
+        "cli-inspect-layers-garbage",
+        "`modulart inspect CKPT --layers foo`",
+        _cli("inspect", "{ctx.moe_ckpt}", "--layers", "foo", "--out", "{ctx.scratch}/never"),
+        2,
+        "--layers 'foo'",
+    ),
+    CliRow(
+        "cli-inspect-dense-missing",
+        "`modulart inspect CKPT --dense no/such/dir`",
+        _cli("inspect", "{ctx.moe_ckpt}", "--dense", "{ctx.scratch}/nope", "--out", "{ctx.scratch}/never"),
+        2,
+        "--dense",
+    ),
+    CliRow(
+        "cli-inspect-hub-missing",
+        "`modulart inspect org/name`, a Hub repo id not in the local cache",
+        _cli("inspect", NOT_CACHED, "--out", "{ctx.scratch}/never"),
+        2,
+        "in the local Hugging Face cache",
+    ),
+    CliRow(
+        "cli-emoe-hub-missing",
+        "`modulart emoe org/name OUT`, a Hub repo id not in the local cache",
+        _cli("emoe", NOT_CACHED, "{ctx.scratch}/never"),
+        2,
+        "in the local Hugging Face cache",
+    ),
+    CliRow(
+        "cli-emoe-missing",
+        "`modulart emoe no/such/dir OUT`",
+        _cli("emoe", "{ctx.scratch}/nope", "{ctx.scratch}/never"),
+        2,
+        "no such file or directory",
+    ),
+    CliRow(
+        "cli-emoe-file",
+        "`modulart emoe FILE OUT` (a file, not a model folder)",
+        _cli("emoe", "{ctx.user}/notes.txt", "{ctx.scratch}/never"),
+        2,
+        "is not a folder",
+    ),
+    CliRow(
+        "cli-emoe-no-config",
+        "`modulart emoe DIR OUT` of a folder without `config.json`",
+        _cli_with(_empty_dir, "emoe", "{ctx.scratch}/never"),
+        2,
+        "has no config.json",
+    ),
+    CliRow(
+        "cli-emoe-bad-weights",
+        "`modulart emoe CKPT OUT` with a truncated `model.safetensors`",
+        _cli_with(_corrupt("ckpt", lambda d: _truncate(d / "model.safetensors")), "emoe", "{ctx.scratch}/never"),
+        1,
+        "transformers cannot load it",
+    ),
+    CliRow(
+        "cli-emoe-experts-zero",
+        "`modulart emoe CKPT OUT --experts 0`",
+        _cli("emoe", "{ctx.ckpt}", "{ctx.scratch}/never", "--experts", "0"),
+        2,
+        "--experts: must be an integer >= 1",
+    ),
+    CliRow(
+        "cli-emoe-top-k",
+        "`modulart emoe CKPT OUT --experts 4 --top-k 8`",
+        _cli("emoe", "{ctx.ckpt}", "{ctx.scratch}/never", "--experts", "4", "--top-k", "8"),
+        2,
+        "--top-k 8: must satisfy 1 <= --top-k <= --experts (4)",
+    ),
+    CliRow(
+        "cli-emoe-router",
+        "`modulart emoe CKPT OUT --router nope`",
+        _cli("emoe", "{ctx.ckpt}", "{ctx.scratch}/never", "--router", "nope"),
+        2,
+        "--router 'nope'",
+    ),
+    CliRow(
+        "cli-emoe-layers",
+        "`modulart emoe CKPT OUT --layers 9` (2 layers)",
+        _cli("emoe", "{ctx.ckpt}", "{ctx.scratch}/never", "--experts", "4", "--top-k", "2", "--layers", "9"),
+        2,
+        "--layers '9': layer index 9 is out of range",
+    ),
+    CliRow(
+        "cli-emoe-into-source",
+        "`modulart emoe CKPT CKPT/emoe`",
+        _cli("emoe", "{ctx.ckpt}", "{ctx.ckpt}/emoe"),
+        2,
+        "inside it",
+    ),
+    CliRow(
+        "cli-emoe-user-dir",
+        "`modulart emoe CKPT DIR` with DIR holding user files",
+        _cli("emoe", "{ctx.ckpt}", "{ctx.user}"),
+        2,
+        "pass --overwrite",
+    ),
+    CliRow(
+        "cli-bench-no-dir",
+        "`modulart bench` where there is no benchmarks folder (e.g. a wheel install)",
+        _cli("bench", "--dir", "{ctx.scratch}/nope"),
+        2,
+        "not in the wheel",
+    ),
+    CliRow(
+        "cli-bench-empty-dir",
+        "`modulart bench --dir DIR` of a folder without benchmark scripts",
+        lambda ctx: ["bench", "--dir", _empty_dir(ctx)],
+        2,
+        "no benchmark scripts",
+    ),
+    CliRow(
+        "cli-bench-unknown",
+        "`modulart bench nope`",
+        lambda ctx: ["bench", "nope", "--dir", _bench_dir(ctx)],
+        2,
+        "NAME 'nope': no such benchmark; found ['one']",
+    ),
+    CliRow(
+        "cli-bench-no-quick",
+        "`modulart bench one --quick`, a benchmark without a --quick mode",
+        lambda ctx: ["bench", "one", "--quick", "--dir", _bench_dir(ctx)],
+        2,
+        "has no --quick mode",
+    ),
+    CliRow(
+        "cli-bench-timeout",
+        "`modulart bench --timeout 0`",
+        _cli("bench", "--timeout", "0"),
+        2,
+        "--timeout: must be a finite number > 0",
+    ),
+    CliRow(
+        "cli-bench-foreign-output",
+        "`modulart bench --out DIR` with a `bench.md` that bench did not write",
+        _bench_with_foreign_md,
+        2,
+        "not written by modulart bench; pass --overwrite",
     ),
 ]
 

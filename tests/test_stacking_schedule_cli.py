@@ -95,7 +95,7 @@ def test_cli_bad_plan_reports_and_writes_nothing(tmp_path: Path) -> None:
     lines: list[str] = []
     args = _parser().parse_args(["grow", str(src), str(tmp_path / "big"), "--plan", "0-2", "--no-progress"])
     assert run_grow(args, lines.append) == 2
-    assert "LayerPlan.indices[2] = 2: the source model has 2 layers" in lines[-1]
+    assert "--plan '0-2': position 2 names layer 2: the source model has 2 layers" in lines[-1]
     assert not (tmp_path / "big").exists()
     with pytest.raises(SystemExit):
         _parser().parse_args(["grow", "a", "b", "--factor", "2", "--plan", "0-1"])

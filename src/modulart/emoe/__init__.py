@@ -14,6 +14,9 @@ Example:
     >>> stats.tokens, round(sum(stats.load), 6)
     (4, 1.0)
     >>> _ = handle.to_dense()
+
+A router of your own is a function ``(x [T, d_model], context, config) -> scores [T, N]``
+registered with :func:`register_router` and named in ``EMoEConfig(router=...)``.
 """
 
 from modulart.emoe.cluster import balanced_kmeans, random_balanced_labels, within_cluster_cosine
@@ -21,7 +24,15 @@ from modulart.emoe.config import EMoEConfig, default_layers
 from modulart.emoe.handle import EMoEHandle
 from modulart.emoe.layer import ConvertedFFN, RoutingStats
 from modulart.emoe.operator import EMoE, EMoEPlan, apply
-from modulart.emoe.routing import ExpertGroups
+from modulart.emoe.routing import (
+    ExpertGroups,
+    RouterContext,
+    RouterFn,
+    available_routers,
+    get_router,
+    register_router,
+    unregister_router,
+)
 
 __all__ = [
     "ConvertedFFN",
@@ -30,10 +41,16 @@ __all__ = [
     "EMoEHandle",
     "EMoEPlan",
     "ExpertGroups",
+    "RouterContext",
+    "RouterFn",
     "RoutingStats",
     "apply",
+    "available_routers",
     "balanced_kmeans",
     "default_layers",
+    "get_router",
     "random_balanced_labels",
+    "register_router",
+    "unregister_router",
     "within_cluster_cosine",
 ]

@@ -30,6 +30,7 @@ from typing import Any
 
 from modulart.core.errors import ConfigError
 from modulart.core.operator import OperatorConfig, option
+from modulart.emoe.routing import available_routers
 
 __all__ = [
     "BALANCE_LOSSES",
@@ -98,7 +99,7 @@ class EMoEConfig(OperatorConfig):
         "'avgk' (mean key of each expert, tied to the live weights), 'frozen' (avgk at conversion), 'cosine', "
         "'oracle' (actual activation mass), 'random' / 'bottomk' (ablations); gated FFNs also 'up', 'up_abs', "
         "'inter' (mean up projection, mean |up projection|, mean hidden activation: the reference Llama path's "
-        "score modes)",
+        "score modes); or the name of a router registered with modulart.emoe.register_router",
     )
     executor: str = option("masked", "'masked' (dense compute, unselected neurons zeroed) or 'sparse'")
     seed: int = option(0, "seed of clustering and of random routing/splits")
@@ -213,7 +214,12 @@ class EMoEConfig(OperatorConfig):
             f"must satisfy 1 <= top_k <= num_experts ({self.num_experts})",
         )
         self.require(self.split in SPLITS, "split", f"must be one of {SPLITS}")
-        self.require(self.router in ROUTERS, "router", f"must be one of {ROUTERS}")
+        self.require(
+            isinstance(self.router, str) and (self.router in ROUTERS or self.router in available_routers()),
+            "router",
+            f"must be one of {ROUTERS} or a name registered with modulart.emoe.register_router (registered: "
+            f"{available_routers()[len(ROUTERS) :]}; names in artefacts are looked up there, never imported)",
+        )
         self.require(self.executor in EXECUTORS, "executor", f"must be one of {EXECUTORS}")
         self.require(isinstance(self.every, int) and self.every >= 1, "every", "must be an int >= 1")
         self.require(isinstance(self.max_iter, int) and self.max_iter >= 1, "max_iter", "must be an int >= 1")

@@ -37,10 +37,16 @@ def mean_pooled(model: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tens
     return (hidden * mask).sum(1) / mask.sum(1)
 
 
-def emoe_tour_step(model: nn.Module, tokenizer: Any, echo: Callable[[str], None]) -> dict[str, Any]:
-    """Run the EMoE measurements on ``model`` (MiniLM) and print them; returns the numbers."""
-    sentences = reference_sentences(64)
-    inputs = dict(tokenizer(sentences, return_tensors="pt", padding=True, truncation=True, max_length=64))
+def emoe_tour_step(
+    model: nn.Module, tokenizer: Any, echo: Callable[[str], None], *, sentences: int = 64
+) -> dict[str, Any]:
+    """Run the EMoE measurements on ``model`` (MiniLM) and print them; returns the numbers.
+
+    ``sentences``: how many reference sentences the embedding agreement is measured on. The model
+    is left as it was (every conversion is removed).
+    """
+    texts = reference_sentences(sentences)
+    inputs = dict(tokenizer(texts, return_tensors="pt", padding=True, truncation=True, max_length=64))
     dense = mean_pooled(model, inputs)
     handle = apply(model, num_experts=NUM_EXPERTS, top_k=NUM_EXPERTS, layers=LAYERS)
     exact = float((mean_pooled(model, inputs) - dense).abs().max())
@@ -63,6 +69,6 @@ def emoe_tour_step(model: nn.Module, tokenizer: Any, echo: Callable[[str], None]
         agreement[k / NUM_EXPERTS] = float(F.cosine_similarity(mean_pooled(model, inputs), dense).mean())
         h.remove()
     for ratio, cos in agreement.items():
-        echo(f"  k/N = {ratio:.2f}: sentence embeddings vs dense, mean cosine {cos:.4f} ({len(sentences)} sentences)")
+        echo(f"  k/N = {ratio:.2f}: sentence embeddings vs dense, mean cosine {cos:.4f} ({len(texts)} sentences)")
     echo(f"  k = N: max |embedding - dense| = {exact:.2e} (the conversion alone changes nothing)")
     return {"cohesion": cohesion, "agreement": agreement, "k_equals_n_max_abs_diff": exact}

@@ -56,9 +56,12 @@ from modulart.emoe.config import HIDDEN_ROUTERS, EMoEConfig
 from modulart.emoe.ranks import broadcast_from_first, is_dtensor, whole
 from modulart.emoe.routing import (
     ExpertGroups,
+    RouterContext,
     balance_loss,
+    call_router,
     capacity_keep,
     expert_capacity,
+    get_router,
     reference_balance_loss,
     select_topk,
     selection_mask,
@@ -146,6 +149,7 @@ class ConvertedFFN:
             else self.groups.centroids(whole(ffn.keys.detach()))  # FSDP2: gathered once, here
         )
         self.generator = torch.Generator(device=device).manual_seed(config.seed)
+        self.custom_router = get_router(config.router)  # a registered router (None: a built-in one)
         self.counts = torch.zeros(config.num_experts, dtype=torch.long)
         self.tokens = 0
         self.dropped = 0
@@ -207,6 +211,10 @@ class ConvertedFFN:
     def scores(self, q: torch.Tensor, h: torch.Tensor | None = None) -> torch.Tensor:
         """``q [T, d_model]`` (and ``h [T, d_ff]`` for ``oracle`` / ``inter``) -> router scores ``[T, N]`` (fp32).
 
+        A router registered with :func:`~modulart.emoe.routing.register_router` gets ``q`` (fp32)
+        and a :class:`~modulart.emoe.routing.RouterContext`; its scores are checked
+        (:func:`~modulart.emoe.routing.call_router`).
+
         With a balance loss (``balance_loss_weight > 0``) the scores carry the gradient of the FFN
         input; that of the keys only with ``balance_loss="counts"`` (the reference's gate is a
         separate tensor: ``"reference"`` detaches the keys).
@@ -222,6 +230,8 @@ class ConvertedFFN:
         grad_q = cfg.balance_loss_weight > 0
         grad_w = grad_q and cfg.balance_loss == "counts"
         qf = q.float() if grad_q else q.detach().float()
+        if self.custom_router is not None:
+            return call_router(router, self.custom_router, qf, self._router_context(grad_w), cfg)
         if router == "frozen":
             return qf @ self.frozen.t()
         if router in ("up", "up_abs"):
@@ -242,6 +252,27 @@ class ConvertedFFN:
             return F.normalize(qf, dim=-1) @ F.normalize(g, dim=-1).t()
         s = qf @ g.t()
         return -s if router == "bottomk" else s
+
+    def _router_context(self, grad_w: bool) -> RouterContext:
+        """The live weights a registered router reads (detached unless the balance loss trains them)."""
+        ffn = self.ffn
+
+        def live(t: torch.Tensor | None) -> torch.Tensor | None:
+            self._check_whole(t)
+            return None if t is None else (t if grad_w else t.detach())
+
+        keys = live(ffn.keys)
+        assert keys is not None
+        return RouterContext(
+            path=ffn.path,
+            groups=self.groups,
+            keys=keys,
+            key_bias=live(ffn.key_bias),
+            up=live(ffn.up),
+            up_bias=live(ffn.up_bias),
+            centroids=self.frozen,
+            generator=self.generator,
+        )
 
     def _check_whole(self, weight: torch.Tensor | None) -> None:
         if is_dtensor(weight):

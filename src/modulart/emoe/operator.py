@@ -13,7 +13,8 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import sys
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -97,6 +98,16 @@ def _split(ffn: FFN, config: EMoEConfig) -> torch.Tensor:
     )
 
 
+def _progress(ffns: list[FFN], desc: str) -> Iterable[FFN]:
+    """``ffns``, with a tqdm bar on a terminal when there are several (clustering is the slow part)."""
+    if len(ffns) < 2 or not sys.stderr.isatty():
+        return ffns
+    from tqdm.auto import tqdm
+
+    bar: Iterable[FFN] = tqdm(ffns, desc=desc, unit="FFN", leave=False)
+    return bar
+
+
 class EMoE(Operator[EMoEConfig, EMoEPlan, EMoEHandle]):
     """Emergent MoE (arXiv 2310.10908): route tokens to clusters of FFN neurons, no new parameters."""
 
@@ -112,7 +123,7 @@ class EMoE(Operator[EMoEConfig, EMoEPlan, EMoEHandle]):
                     f"EMoE: the keys of FFN {f.path!r} hold NaN or inf values; neither the clustering nor the "
                     "router can use them (repair or reload the weights before apply)"
                 )
-        labels = {f.path: _split(f, config) for f in ffns}
+        labels = {f.path: _split(f, config) for f in _progress(ffns, "EMoE: clustering")}
         return EMoEPlan(targets=[f.path for f in ffns], selector=str(config.layers), ffns=ffns, labels=labels)
 
     @classmethod

@@ -23,6 +23,14 @@ so results are deterministic. :func:`capacity_keep` optionally drops assignments
 expert's capacity in the reference code's order, and two balance losses are offered:
 :func:`balance_loss` (modulart's) and :func:`reference_balance_loss` (the reference code's).
 
+Custom routers: :func:`register_router` adds a scoring function under a name that
+``EMoEConfig(router=name)`` then accepts. It maps the FFN input ``x [T, d_model]`` (fp32), a
+:class:`RouterContext` (the expert groups, the live keys, the conversion-time centroids) and the
+config to scores ``[T, N]``; the scores are checked on every call (a tensor, shape ``[T, N]``,
+floating point, on ``x``'s device, finite) and a bad return is a typed error naming the router.
+Saved artefacts store only the name: loading one looks the name up in this registry and never
+imports anything, so register the router before :func:`modulart.load`.
+
 Example:
     >>> import torch
     >>> from modulart.emoe.routing import ExpertGroups, select_topk
@@ -38,19 +46,42 @@ Example:
 
 from __future__ import annotations
 
+import re
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, TypeAlias
+
 import torch
 import torch.nn.functional as F
 
+from modulart.core.errors import (
+    ConfigError,
+    InvalidArgumentError,
+    KeyNotFoundError,
+    NonFiniteError,
+    ShapeError,
+)
 from modulart.core.neuron_groups import ExpertGroups, select_topk, selection_mask
+
+if TYPE_CHECKING:
+    from modulart.emoe.config import EMoEConfig
 
 __all__ = [
     "ExpertGroups",
+    "RouterContext",
+    "RouterFn",
+    "available_routers",
     "balance_loss",
+    "call_router",
     "capacity_keep",
     "expert_capacity",
+    "get_router",
     "reference_balance_loss",
+    "register_router",
     "select_topk",
     "selection_mask",
+    "unregister_router",
 ]
 
 
@@ -191,3 +222,251 @@ def capacity_keep(probs: torch.Tensor, indices: torch.Tensor, capacity: int) -> 
     slot = torch.empty_like(slot_sorted)
     slot[order] = slot_sorted
     return (slot < capacity).reshape(t, k)
+
+
+# --- custom routers -------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class RouterContext:
+    """What a registered router sees of one converted FFN, at one call.
+
+    Built afresh at every call, so the weights are the live ones. They are detached unless
+    ``balance_loss_weight > 0`` (then ``x`` carries its gradient, and with
+    ``balance_loss="counts"`` the key and up rows do too), the same rule as the built-in routers.
+
+    Attributes:
+        path: the FFN's path in the model (``FFN.path``).
+        groups: the neuron -> expert split: ``labels [d_ff]``, ``sizes [N]``, ``num_experts``,
+            ``centroids(w)`` (``[d_ff, d] -> [N, d]``, the mean row of each expert) and
+            ``expert_mass(h)`` (``[T, d_ff] -> [T, N]``).
+        keys: ``[d_ff, d_model]`` the key rows (first layer) as the model holds them (its dtype).
+        key_bias: ``[d_ff]`` the key bias, or None.
+        up: ``[d_ff, d_model]`` the up projection of a gated FFN (None otherwise).
+        up_bias: ``[d_ff]`` its bias, or None.
+        centroids: ``[N, d_model]`` fp32: each expert's mean key row at conversion (what
+            ``router="frozen"`` scores with; restored with a saved state).
+        generator: a ``torch.Generator`` on the keys' device, seeded with ``config.seed`` at
+            conversion, for routers that draw random numbers (reproducible runs).
+
+    Example:
+        >>> import torch
+        >>> g = ExpertGroups(torch.tensor([0, 1, 0, 1]), 2)
+        >>> keys = torch.eye(4, 3)
+        >>> ctx = RouterContext("ffn", g, keys, None, None, None, g.centroids(keys), torch.Generator())
+        >>> ctx.num_experts, ctx.d_ff, ctx.d_model
+        (2, 4, 3)
+    """
+
+    path: str
+    groups: ExpertGroups
+    keys: torch.Tensor
+    key_bias: torch.Tensor | None
+    up: torch.Tensor | None
+    up_bias: torch.Tensor | None
+    centroids: torch.Tensor
+    generator: torch.Generator
+
+    @property
+    def num_experts(self) -> int:
+        """``N``."""
+        return self.groups.num_experts
+
+    @property
+    def d_ff(self) -> int:
+        """Neurons of the FFN."""
+        return int(self.keys.shape[0])
+
+    @property
+    def d_model(self) -> int:
+        """Width of the FFN input."""
+        return int(self.keys.shape[1])
+
+
+RouterFn: TypeAlias = Callable[[torch.Tensor, RouterContext, "EMoEConfig"], torch.Tensor]
+"""A router: ``(x [T, d_model] fp32, context, config) -> scores [T, N]`` (higher = preferred)."""
+
+_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]*")
+_ROUTERS: dict[str, RouterFn] = {}
+_LOCK = threading.Lock()
+
+
+def _builtin_routers() -> tuple[str, ...]:
+    from modulart.emoe.config import ROUTERS
+
+    return ROUTERS
+
+
+def _same_definition(a: object, b: object) -> bool:
+    """The same ``def`` run twice (a module imported again): not a clash."""
+    return (getattr(a, "__module__", None), getattr(a, "__qualname__", None)) == (
+        getattr(b, "__module__", None),
+        getattr(b, "__qualname__", None),
+    ) and getattr(a, "__qualname__", None) is not None
+
+
+def register_router(name: str, fn: RouterFn, *, override: bool = False) -> RouterFn:
+    """Register ``fn`` as the EMoE router ``name``, for ``EMoEConfig(router=name)``.
+
+    ``fn(x, context, config)`` gets the FFN input ``x [T, d_model]`` (fp32, all tokens of the
+    forward flattened), a :class:`RouterContext` and the layer's :class:`EMoEConfig`, and returns
+    scores ``[T, N]``; every token then uses the ``top_k`` experts with the highest scores (ties to
+    the lower index), plus the configured gate noise, capacity limit and balance loss as for the
+    built-in routers. Every return is checked (:func:`call_router`). Layers look the function up
+    when they are converted: registering another function under the name later (``override=True``)
+    changes new conversions only. Artefacts save the name; :func:`modulart.load` finds it here (it
+    never imports code named in a file), so register before loading.
+
+    Args:
+        name: letters, digits, ``_``, ``.``, ``-`` (not starting with a digit, ``.`` or ``-``); not
+            a built-in router's name (``modulart.emoe.config.ROUTERS``).
+        fn: the scoring function.
+        override: replace a function already registered under ``name``.
+
+    Returns:
+        ``fn`` (so it can be registered where it is defined).
+
+    Raises:
+        InvalidArgumentError: ``name`` is not a str or ``fn`` is not callable.
+        ConfigError: ``name`` is malformed, a built-in router's, or taken by another function
+            (without ``override``).
+
+    Example:
+        >>> import torch, modulart as mt
+        >>> def nearest(x, ctx, config):  # negative distance to each expert's mean key
+        ...     return -torch.cdist(x, ctx.groups.centroids(ctx.keys.float()))
+        >>> _ = mt.emoe.register_router("nearest", nearest)
+        >>> model = torch.nn.Sequential(torch.nn.Linear(8, 64), torch.nn.GELU(), torch.nn.Linear(64, 8))
+        >>> h = mt.emoe.apply(model, num_experts=8, top_k=2, layers="all", router="nearest")
+        >>> y = model(torch.randn(5, 8))
+        >>> next(iter(h.routing_stats().values())).tokens
+        5
+        >>> h.remove(); mt.emoe.unregister_router("nearest")
+    """
+    if not isinstance(name, str):
+        raise InvalidArgumentError(f"register_router: name must be a str, got {type(name).__name__}")
+    if not callable(fn):
+        raise InvalidArgumentError(
+            f"register_router: fn for router {name!r} must be callable (x, context, config) -> scores [T, N], "
+            f"got {type(fn).__name__}"
+        )
+    if not _NAME.fullmatch(name):
+        raise ConfigError(
+            f"register_router: name = {name!r}: must be letters, digits, '_', '.', '-', starting with a letter or '_'"
+        )
+    if name in _builtin_routers():
+        raise ConfigError(
+            f"register_router: name = {name!r} is a built-in router ({', '.join(_builtin_routers())}); choose another"
+        )
+    with _LOCK:
+        taken = _ROUTERS.get(name)
+        if taken is not None and taken is not fn and not override and not _same_definition(taken, fn):
+            where = f"{getattr(taken, '__module__', '?')}.{getattr(taken, '__qualname__', repr(taken))}"
+            raise ConfigError(
+                f"register_router: name = {name!r} is taken by {where}; choose another name or pass override=True"
+            )
+        _ROUTERS[name] = fn
+    return fn
+
+
+def unregister_router(name: str) -> None:
+    """Remove the router registered under ``name`` (layers converted with it keep their function).
+
+    Raises:
+        KeyNotFoundError: no router is registered under ``name`` (built-ins cannot be removed).
+
+    Example:
+        >>> import torch, modulart as mt
+        >>> _ = mt.emoe.register_router("zeros", lambda x, ctx, cfg: x.new_zeros(x.shape[0], ctx.num_experts))
+        >>> "zeros" in mt.emoe.available_routers()
+        True
+        >>> mt.emoe.unregister_router("zeros")
+        >>> "zeros" in mt.emoe.available_routers()
+        False
+    """
+    with _LOCK:
+        if name not in _ROUTERS:
+            registered = sorted(_ROUTERS)
+            raise KeyNotFoundError(f"unregister_router: no router registered as {name!r}; registered: {registered}")
+        del _ROUTERS[name]
+
+
+def available_routers() -> list[str]:
+    """The router names ``EMoEConfig.router`` accepts: the built-ins, then the registered ones (sorted).
+
+    Example:
+        >>> import modulart as mt
+        >>> mt.emoe.available_routers()[:3]
+        ['avgk', 'frozen', 'cosine']
+    """
+    with _LOCK:
+        return [*_builtin_routers(), *sorted(_ROUTERS)]
+
+
+def get_router(name: str) -> RouterFn | None:
+    """The function registered under ``name``; None for a built-in router.
+
+    Raises:
+        ConfigError: ``name`` is neither built in nor registered.
+
+    Example:
+        >>> import modulart as mt
+        >>> mt.emoe.get_router("avgk") is None
+        True
+    """
+    if isinstance(name, str) and name in _builtin_routers():
+        return None
+    with _LOCK:
+        fn = _ROUTERS.get(name) if isinstance(name, str) else None
+        registered = sorted(_ROUTERS)
+    if fn is None:
+        raise ConfigError(
+            f"EMoEConfig.router = {name!r}: not a built-in router {_builtin_routers()} and not registered "
+            f"(registered: {registered}); register it with modulart.emoe.register_router({name!r}, fn) first "
+            "(router names in artefacts are looked up there, never imported)"
+        )
+    return fn
+
+
+def call_router(name: str, fn: RouterFn, x: torch.Tensor, context: RouterContext, config: EMoEConfig) -> torch.Tensor:
+    """Run a registered router and check what it returns: fp32 scores ``[T, N]``.
+
+    Args:
+        name: the router's name (for the messages).
+        fn: the router.
+        x: ``[T, d_model]`` fp32 FFN input.
+        context: the layer's :class:`RouterContext`.
+        config: the layer's config.
+
+    Raises:
+        InvalidArgumentError: the router returned no tensor, a non-floating tensor, or one on
+            another device than ``x``.
+        ShapeError: the scores are not ``[T, N]``.
+        NonFiniteError: a score is NaN or infinite.
+
+    Example:
+        >>> import torch
+        >>> from modulart.emoe import EMoEConfig
+        >>> g = ExpertGroups(torch.tensor([0, 1]), 2)
+        >>> ctx = RouterContext("ffn", g, torch.eye(2), None, None, None, torch.eye(2), torch.Generator())
+        >>> cfg = EMoEConfig(num_experts=2, top_k=1)
+        >>> call_router("sum", lambda x, c, cfg: x @ c.centroids.t(), torch.ones(3, 2), ctx, cfg).shape
+        torch.Size([3, 2])
+        >>> call_router("flat", lambda x, c, cfg: torch.ones(3), torch.zeros(3, 2), ctx, cfg)  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        modulart.core.errors.ShapeError: EMoE router 'flat' at 'ffn': returned scores of shape [3], expected ...
+    """
+    where = f"EMoE router {name!r} at {context.path!r}"
+    s = fn(x, context, config)
+    if not isinstance(s, torch.Tensor):
+        raise InvalidArgumentError(f"{where}: returned {type(s).__name__}, expected a tensor of scores [T, N]")
+    expected = [int(x.shape[0]), context.num_experts]
+    if list(s.shape) != expected:
+        raise ShapeError(f"{where}: returned scores of shape {list(s.shape)}, expected [T, N] = {expected}")
+    if not s.is_floating_point():
+        raise InvalidArgumentError(f"{where}: returned {s.dtype} scores, expected a floating-point tensor")
+    if s.device != x.device:
+        raise InvalidArgumentError(f"{where}: returned scores on {s.device}, the tokens are on {x.device}")
+    if not bool(torch.isfinite(s).all()):
+        bad = int((~torch.isfinite(s)).sum())
+        raise NonFiniteError(f"{where}: {bad} of {s.numel()} scores are NaN or infinite; scores must be finite")
+    return s.float()

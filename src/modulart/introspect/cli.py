@@ -7,19 +7,42 @@ printed, and the report (``arrays.safetensors`` + ``report.json``) and the figur
 ``--reference`` computes S3–S5 as the paper's reference notebooks do
 (:meth:`~modulart.introspect.options.IntrospectOptions.reference`).
 
+PATH and ``--dense`` may be Hugging Face Hub repo ids in the local cache (nothing is downloaded).
+
 Example:
     $ modulart inspect ./mixtral-ckpt --out ./mixtral-introspect --dense ./mistral-ckpt
+    $ modulart inspect mistralai/Mixtral-8x7B-v0.1 --layers last_half   # from the local Hub cache
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
-from modulart.cli import nonnegative_int, positive_number
+from modulart.cli import (
+    check_output_path,
+    input_name,
+    nonnegative_int,
+    one_line,
+    positive_number,
+    resolve_input,
+)
+from modulart.core.errors import ArtifactNotFoundError, OutOfRangeError, SelectorError
 
-__all__ = ["add_inspect_parser", "run_inspect"]
+__all__ = ["INSPECT_FLAGS", "add_inspect_parser", "run_inspect"]
+
+INSPECT_FLAGS: dict[str, str] = {
+    "layers": "--layers",
+    "dense": "--dense",
+    "budget_mb": "--budget-mb",
+    "reorder_neurons": "--reorder-neurons",
+    "directory": "--out",
+    "path": "PATH",
+}
+"""Python argument of :func:`~modulart.introspect.reporting.report` -> the ``inspect`` flag it comes from."""
 
 
 def add_inspect_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -36,11 +59,16 @@ def add_inspect_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser])
         "inspect",
         help="MoE introspection of a safetensors checkpoint: per-layer table, report and figures",
         description="Stream a MoE checkpoint one layer at a time; print the headline numbers per layer "
-        "(expert similarity, router vs experts, depth trends) and write the report and PNG figures.",
+        "(expert similarity, router vs experts, depth trends) and write the report and PNG figures. PATH and "
+        "--dense may be Hugging Face Hub repo ids in the local cache (nothing is downloaded).",
     )
-    p.add_argument("path", help="checkpoint directory (*.safetensors, sharded with an index or not)")
+    p.add_argument(
+        "path", help="checkpoint directory (*.safetensors, sharded with an index or not) or a cached Hub repo id"
+    )
     p.add_argument("--out", default=None, help="output folder (default: ./<checkpoint name>-introspect)")
-    p.add_argument("--dense", default=None, help="dense reference checkpoint directory (adds the F column)")
+    p.add_argument(
+        "--dense", default=None, help="dense reference checkpoint directory or cached Hub repo id (adds the F column)"
+    )
     p.add_argument("--layers", default=None, help="MoE layers to analyse, e.g. '0-3,-1' or 'last_half'")
     p.add_argument(
         "--budget-mb", type=positive_number, default=128, help="fp32 MB per chunk, > 0 (two in flight; default 128)"
@@ -60,7 +88,8 @@ def add_inspect_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser])
         action="store_true",
         help="write into an --out folder that holds other files (only the report's own files are replaced)",
     )
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar or progress lines")
+    p.set_defaults(flags=INSPECT_FLAGS)
 
 
 def _layers(spec: str | None) -> int | str | None:
@@ -77,9 +106,13 @@ def run_inspect(
 ) -> int:
     """Run ``modulart inspect`` with parsed ``args``; print through ``echo``; returns the exit status.
 
-    A checkpoint path that is not a directory is reported through ``errors`` (default: ``echo``) as
-    one line, exit status 2; every other bad input raises its typed error before anything is written
-    (``modulart.cli.main`` turns it into one line and an exit status).
+    ``args.path`` (and ``args.dense``) may be a Hub repo id in the local cache
+    (:func:`~modulart.cli.resolve_input`). A checkpoint path that is missing (or a repo id that is
+    not cached) or is not a directory is reported through ``errors`` (default: ``echo``) as one
+    line, exit status 2; every other bad input raises its typed error before anything is written
+    (``modulart.cli.main`` turns it into one line and an exit status): a refused ``--out`` as a
+    :class:`~modulart.cli.UsageError`, a bad ``--layers`` as the selector error naming the flag.
+    Off a terminal, progress is plain lines through ``echo`` (on one, a tqdm bar).
 
     Example:
         >>> import tempfile, torch
@@ -93,33 +126,52 @@ def run_inspect(
         >>> p = argparse.ArgumentParser(prog="modulart")
         >>> add_inspect_parser(p.add_subparsers(dest="command"))
         >>> lines = []
-        >>> run_inspect(p.parse_args(["inspect", d, "--out", out, "--no-plots"]), lines.append)
+        >>> run_inspect(p.parse_args(["inspect", d, "--out", out, "--no-plots", "--no-progress"]), lines.append)
         0
         >>> lines[0].endswith("1 MoE layers, members ['e0', 'e1']")
         True
     """
-    from modulart.core.io import check_output
     from modulart.introspect.reporting import report
 
-    path = Path(args.path)
-    if not path.is_dir():
-        (errors or echo)(f"modulart: error: inspect: {path} is not a checkpoint directory")
+    try:
+        path = resolve_input(args.path, flag="PATH")
+    except ArtifactNotFoundError as e:
+        said, head = one_line(e), f"PATH {args.path!r}: "
+        (errors or echo)(
+            f"modulart: error: inspect: PATH {args.path!r} is not a checkpoint directory: {said[len(head) :]}"
+        )
         return 2
-    out = Path(args.out) if args.out else Path.cwd() / f"{path.resolve().name}-introspect"
+    if not path.is_dir():
+        (errors or echo)(f"modulart: error: inspect: {args.path} is not a checkpoint directory")
+        return 2
+    dense = resolve_input(args.dense, flag="--dense") if args.dense is not None else None
+    out = Path(args.out) if args.out else Path.cwd() / f"{input_name(args.path)}-introspect"
     overwrite = bool(getattr(args, "overwrite", False))
-    check_output(out, sources=[path], kind="report", overwrite=overwrite)  # before the long read
-    rep = report(
-        path,
-        dense=args.dense,
-        layers=_layers(args.layers),
-        budget_mb=args.budget_mb,
-        progress=False if args.no_progress else None,
-        reorder_neurons=args.reorder_neurons or None,
-        options="reference" if getattr(args, "reference", False) else None,
-    )
-    echo(f"{path}: {len(rep.layers)} MoE layers, members {rep.members}")
+    sources = [path, *([dense] if dense is not None else [])]
+    check_output_path(out, sources=sources, kind="report", overwrite=overwrite, flag="--out")  # before the long read
+    quiet = bool(getattr(args, "no_progress", False))
+    tty = sys.stderr.isatty()
+    if not quiet and not tty:
+        echo(f"inspect: streaming {path} one layer at a time (chunks of {args.budget_mb:g} MB) ...")
+    start = time.perf_counter()
+    try:
+        rep = report(
+            path,
+            dense=dense,
+            layers=_layers(args.layers),
+            budget_mb=args.budget_mb,
+            progress=False if quiet or not tty else None,
+            reorder_neurons=args.reorder_neurons or None,
+            options="reference" if getattr(args, "reference", False) else None,
+        )
+    except (SelectorError, OutOfRangeError) as e:
+        if args.layers is None:
+            raise
+        raise type(e)(f"--layers {args.layers!r}: {e}") from e
+    took = f" in {time.perf_counter() - start:.1f} s" if not quiet else ""
+    echo(f"{path}: {len(rep.layers)} MoE layers, members {rep.members}{took}")
     echo(rep.table())
-    rep.save(out, overwrite=overwrite, sources=[path])
+    rep.save(out, overwrite=overwrite, sources=sources)
     echo(f"report: {out / 'report.json'} + {out / 'arrays.safetensors'}")
     if not args.no_plots:
         for f in rep.plot(out):

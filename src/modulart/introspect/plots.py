@@ -112,12 +112,16 @@ def _s4(rep: Report, path: Path) -> Path:
         if len(x) > 1 and float(x.std()) > 0:
             a = float(((x - x.mean()) * (y - y.mean())).sum() / ((x - x.mean()) ** 2).sum())
             xs = torch.linspace(float(x.min()), float(x.max()), 2)
-            ax.plot(xs.numpy(), (a * (xs - x.mean()) + y.mean()).numpy(), color="C3")
-        ax.set_title(f"R = {float(rep.arrays[f's4.r.{mat}'][p]):.2f}", fontsize=9)
+            ax.plot(xs.numpy(), (a * (xs - x.mean()) + y.mean()).numpy(), color="C3", label="least-squares fit")
+            ax.legend(fontsize=7, loc="best")
+        ax.set_title(f"layer {rep.layers[p]} · R = {float(rep.arrays[f's4.r.{mat}'][p]):.2f}", fontsize=9)
         ax.set_xlabel(f"mean-neuron cosine ({mat})", fontsize=8)
         if c == 0:
             ax.set_ylabel("router-row cosine", fontsize=8)
-    fig.suptitle("S4: router rows vs experts' mean neurons (one point per expert pair)")
+    fig.suptitle(
+        "S4: router rows vs experts' mean neurons\ntop: router-row cosine; bottom: one point per expert pair",
+        fontsize=10,
+    )
     return _save(fig, path)
 
 
@@ -134,7 +138,8 @@ def _pca(rep: Report, path: Path) -> Path:
         ax.scatter(xy[:, 0].numpy(), y.numpy(), c=range(xy.shape[0]), cmap="tab10", s=30)
         for i in range(xy.shape[0]):
             ax.annotate(labels[i] if i < len(labels) else f"e{i}", (float(xy[i, 0]), float(y[i])), fontsize=7)
-        ax.set_title(f"layer {rep.layers[p]} ({100 * float(expl[p].sum()):.0f}% var)", fontsize=9)
+        pcs = "PC1+PC2 explain" if expl.shape[-1] > 1 else "PC1 explains"
+        ax.set_title(f"layer {rep.layers[p]} ({pcs} {100 * float(expl[p].sum()):.0f}%)", fontsize=9)
         ax.set_xlabel("PC1", fontsize=8)
         if c == 0:
             ax.set_ylabel("PC2", fontsize=8)
@@ -153,20 +158,44 @@ def _trends(rep: Report, path: Path) -> Path:
     panels = [(t, keys) for t, keys in panels if keys]
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4), squeeze=False, layout="constrained")
     x = rep.layers
+    colors = {"act": "C0", "up": "C1", "down": "C2"}  # one colour per matrix: S1 solid, S2 dashed
+    rings = 0
     for ax, (title, keys) in zip(axes[0], panels, strict=True):
+        ringed = False
         for k in keys:
             style = "--" if k.startswith("s2.") else "-"
             label = {"s1": "S1 ", "s2": "S2 ", "s1_dense": "S1 ", "d1": "D1"}[k.split(".")[0]] + k.partition(".")[2]
-            ax.plot(x, trends[k], style, marker="o", label=label)
+            color = colors.get(k.partition(".")[2], "C4")  # D1: not red, the colour of the ring
+            ax.plot(x, trends[k], style, marker="o", label=label, color=color)
             if rep.meta["outliers"].get(k, {}).get("outlier"):
-                ax.scatter([x[-1]], [trends[k][-1]], s=160, facecolors="none", edgecolors="red", linewidths=2)
+                rings += 1
+                ax.scatter(
+                    [x[-1]],
+                    [trends[k][-1]],
+                    s=160,
+                    facecolors="none",
+                    edgecolors="red",
+                    linewidths=2,
+                    label=None if ringed else "last layer: outlier",
+                )
+                ringed = True
+        values = [v for k in keys for v in trends[k] if v == v]
+        if values and max(values) - min(values) < 0.1:  # a flat series stays flat on screen
+            mid = (max(values) + min(values)) / 2
+            ax.set_ylim(mid - 0.06, mid + 0.06)
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("layer")
         ax.set_xticks(x if len(x) <= 16 else x[:: max(1, len(x) // 8)])
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     axes[0][0].set_ylabel("mean off-diagonal similarity")
-    fig.suptitle("Diversity across depth (red ring: last layer flagged as an outlier)")
+    if rings:
+        note = "red ring: the last layer is an outlier"
+    elif len(x) < 3:
+        note = f"{len(x)} layers: too few for the last-layer outlier check"
+    else:
+        note = "the last layer is no outlier"
+    fig.suptitle(f"Diversity across depth ({note})")
     return _save(fig, path)
 
 
@@ -180,7 +209,7 @@ def _d1(rep: Report, path: Path) -> Path:
     for c, p in enumerate(cols):
         im = _heat(axes[0][c], d1[p], names, f"layer {rep.layers[p]}", 0.0, 1.0)
     fig.suptitle("D1: token-averaged angular similarity of expert outputs")
-    fig.colorbar(im, ax=axes, shrink=0.8)
+    fig.colorbar(im, ax=axes, shrink=0.8, label="0.5: orthogonal, 1: identical")
     return _save(fig, path)
 
 
@@ -197,13 +226,17 @@ def _d2(rep: Report, path: Path) -> Path:
         bottom = torch.zeros(e)
         for nr in range(e):
             h = counts[p][:, nr].float()
-            ax.bar(range(1, e + 1), h.numpy(), bottom=bottom.numpy(), color=cmap(nr), label=f"norm rank {nr + 1}")
+            ax.bar(range(1, e + 1), h.numpy(), bottom=bottom.numpy(), color=cmap(nr), label=f"{nr + 1}")
             bottom += h
         ax.set_xlabel(f"rank by router score ({order})", fontsize=8)
+        ticks = list(range(1, e + 1)) if e <= 8 else list(range(1, e + 1, max(1, e // 8)))
+        ax.set_xticks(ticks, [str(t) for t in ticks], fontsize=7)
         ax.set_title(f"layer {rep.layers[p]} (ρ = {float(rep.arrays['d2.spearman'][p]):.2f})", fontsize=9)
         if c == 0:
             ax.set_ylabel("tokens", fontsize=8)
-    axes[0][-1].legend(fontsize=6, bbox_to_anchor=(1.02, 1), loc="upper left")
+    axes[0][-1].legend(
+        fontsize=6, bbox_to_anchor=(1.02, 1), loc="upper left", title=f"output-norm rank ({order})", title_fontsize=7
+    )
     fig.suptitle("D2: for each score rank, the output-norm rank of that expert")
     return _save(fig, path)
 
@@ -233,7 +266,11 @@ def _d4(rep: Report, path: Path) -> Path:
             f"chance {float(rep.arrays['d4.consecutive_chance'][p]):.2f})",
             fontsize=9,
         )
-        fig.colorbar(im, ax=ax, shrink=0.8)
+        fig.colorbar(im, ax=ax, shrink=0.8, label="routing weight")
+    ids = rep.arrays.get("d4.seq")
+    starts = ids is not None and bool((ids[1 : maps.shape[2]] != ids[: maps.shape[2] - 1]).any())
+    seqs = "\ndashed lines: where the next input sequence starts" if starts else ""
+    fig.suptitle(f"D4: routing weight of each expert per token (0: not selected){seqs}", fontsize=10)
     axes[-1][0].set_xlabel("token")
     return _save(fig, path)
 

@@ -116,17 +116,29 @@ def train_head(
         return float((model.head(feats).argmax(-1) == labels).float().mean())
 
 
-def patcher_tour_step(bert: nn.Module, tokenizer: Any, echo: Callable[[str], None]) -> dict[str, Any]:
-    """Fix one mistake of a MiniLM topic classifier with one patch neuron, show locality, remove it."""
+def patcher_tour_step(
+    bert: nn.Module,
+    tokenizer: Any,
+    echo: Callable[[str], None],
+    *,
+    train_stride: int = 2,
+    test_size: int = 120,
+) -> dict[str, Any]:
+    """Fix one mistake of a MiniLM topic classifier with one patch neuron, show locality, remove it.
+
+    The head is trained on every ``train_stride``-th training sentence (which also form the
+    patcher's memory) and evaluated on ``test_size`` evenly spaced test sentences.
+    """
     from modulart.core.ffn import find_ffns
     from modulart.patcher.operator import apply
     from modulart.patcher.task import evaluate, make_example
 
     def encode(texts: list[str]) -> dict[str, torch.Tensor]:
-        return dict(tokenizer(texts, return_tensors="pt", padding=True))
+        return dict(tokenizer(texts, return_tensors="pt", padding=True, truncation=True, max_length=64))
 
     train, test = topic_dataset()
-    train, test = train[::2], test[:120]  # keep the tour short
+    # keep the tour short: evenly spaced subsets, so that every class is in both
+    train, test = train[::train_stride], test[:: max(1, len(test) // test_size)][:test_size]
     clf = TopicClassifier(bert, find_ffns(bert)[-1].d_model, len(TOPIC_CLASSES)).eval()
     train_acc = train_head(clf, encode, train)
     names = list(TOPIC_CLASSES)

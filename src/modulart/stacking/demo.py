@@ -24,7 +24,9 @@ from modulart.text import reference_sentences
 __all__ = ["stacking_tour_step"]
 
 
-def stacking_tour_step(bert: nn.Module, tokenizer: Any, echo: Callable[[str], None], workdir: Path) -> dict[str, Any]:
+def stacking_tour_step(
+    bert: nn.Module, tokenizer: Any, echo: Callable[[str], None], workdir: Path, *, sentences: int = 8
+) -> dict[str, Any]:
     """Grow ``bert`` x2 in depth with G_stack / G_zero / G_random, and its checkpoint on disk; echo the gaps.
 
     Args:
@@ -32,6 +34,7 @@ def stacking_tour_step(bert: nn.Module, tokenizer: Any, echo: Callable[[str], No
         tokenizer: its tokenizer.
         echo: where the lines go.
         workdir: a directory for the small and the grown checkpoint.
+        sentences: how many reference sentences the function differences are measured on.
 
     Returns:
         ``plan``, ``layers`` (before, after), ``diff`` (max |Δ last_hidden_state| per operator),
@@ -40,7 +43,7 @@ def stacking_tour_step(bert: nn.Module, tokenizer: Any, echo: Callable[[str], No
     """
     depth = len(bert.encoder.layer)  # type: ignore[arg-type,union-attr]
     plan = LayerPlan.stack(depth, 2)
-    inputs = dict(tokenizer(reference_sentences(8), return_tensors="pt", padding=True))
+    inputs = dict(tokenizer(reference_sentences(sentences), return_tensors="pt", padding=True))
     echo(f"  plan: {plan.describe()}  (G_stack: the whole block sequence repeated, in order)")
     diffs: dict[str, float] = {}
     grown: dict[str, nn.Module] = {}
