@@ -187,6 +187,7 @@ def main() -> None:
     ap.add_argument("--factor", type=int, default=2)
     ap.add_argument("--no-mergekit", action="store_true")
     ap.add_argument("--workdir", default="/tmp")
+    ap.add_argument("--out", type=Path, default=None, help="result JSON (default: results/...)")
     args = ap.parse_args()
     if args.quick:
         dims, shard = {"hidden": 512, "inter": 1376, "vocab": 8000, "layers": 4}, 16 << 20
@@ -272,8 +273,8 @@ def main() -> None:
             "results": results,
             "summary": summary,
         }
-        RESULTS.mkdir(exist_ok=True)
-        out = RESULTS / f"growth_checkpoint{'_quick' if args.quick else ''}.json"
+        out = args.out or RESULTS / f"growth_checkpoint{'_quick' if args.quick else ''}.json"
+        out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(report, indent=2))
         gb = 1e9
         print(

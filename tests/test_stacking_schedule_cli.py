@@ -117,12 +117,15 @@ def test_checkpoint_benchmark_quick(tmp_path: Path) -> None:
     import sys
 
     bench = Path(__file__).resolve().parents[1] / "benchmarks" / "growth_checkpoint.py"
+    work, result = tmp_path / "work", tmp_path / "result.json"  # never the repository's committed results
+    work.mkdir()
     out = subprocess.run(
-        [sys.executable, str(bench), "--quick", "--no-mergekit", "--workdir", str(tmp_path)],
+        [sys.executable, str(bench), "--quick", "--no-mergekit", "--workdir", str(work), "--out", str(result)],
         capture_output=True,
         text=True,
         timeout=600,
     )
     assert out.returncode == 0, out.stderr[-2000:]
     assert "RSS above the interpreter baseline" in out.stdout and ": OK;" in out.stdout
-    assert list(tmp_path.iterdir()) == []  # the synthetic checkpoint is deleted
+    assert list(work.iterdir()) == []  # the synthetic checkpoint is deleted
+    assert result.is_file()
