@@ -25,9 +25,15 @@ Install the exact solver for this benchmark only (it is not a modulart dependenc
 
     pip install k-means-constrained
 
+Scaling curves (``--no-curves`` skips them): the time of ``balanced_kmeans`` on i.i.d. normal rows
+against ``d_ff`` (the number of rows, 1024 ... 11008 at ``--sweep-d`` columns and k = 64) and
+against k (8 ... 128 experts at 4096 rows), median of ``--sweep-repeats`` runs, each with its
+fitted exponent.
+
 Usage:
     python benchmarks/emoe_clustering.py [--n 11008] [--d 4096] [--k 64] [--seed 0]
-        [--exact-timeout 600] [--subsample 2048] [--out benchmarks/results/emoe_clustering.json]
+        [--exact-timeout 600] [--subsample 2048] [--sweep-d 1024] [--quick] [--no-curves]
+        [--out benchmarks/results/emoe_clustering.json]
 """
 
 from __future__ import annotations
@@ -37,6 +43,7 @@ import json
 import multiprocessing as mp
 import os
 import platform
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -45,6 +52,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from _scaling import curve, plot_curves
 
 from modulart.emoe import cluster as cl
 
@@ -198,6 +206,27 @@ def bench_one(kind: str, args: argparse.Namespace, exact_version: str | None) ->
     return row
 
 
+def sweep(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Clustering time against d_ff (rows) at fixed d and k, and against k at fixed rows: two curves."""
+
+    def seconds(n: int, d: int, k: int) -> float:
+        x = torch.randn(n, d, generator=torch.Generator().manual_seed(args.seed))
+        return statistics.median(timed_ours(x, k, args.seed)[1] for _ in range(args.sweep_repeats))
+
+    d, k = args.sweep_d, args.sweep_k
+    d_ffs = args.sweep_d_ff
+    by_n = [seconds(n, d, k) for n in d_ffs]
+    print("  time vs d_ff:", [f"{n}: {t:.3f}s" for n, t in zip(d_ffs, by_n, strict=True)], flush=True)
+    ks = args.sweep_ks
+    n_k = args.sweep_rows
+    by_k = [seconds(n_k, d, kk) for kk in ks]
+    print("  time vs k:", [f"{kk}: {t:.3f}s" for kk, t in zip(ks, by_k, strict=True)], flush=True)
+    return [
+        curve("balanced_kmeans time vs d_ff", "d_ff", "seconds", d_ffs, by_n, f"i.i.d. normal rows, d {d}, k {k}"),
+        curve("balanced_kmeans time vs k", "experts", "seconds", ks, by_k, f"i.i.d. normal rows, d_ff {n_k}, d {d}"),
+    ]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, default=11008)
@@ -207,8 +236,20 @@ def main() -> None:
     ap.add_argument("--kinds", nargs="+", default=["random_normal", "mixture"], choices=["random_normal", "mixture"])
     ap.add_argument("--exact-timeout", type=float, default=600.0, help="seconds per exact-solver run")
     ap.add_argument("--subsample", type=int, default=2048, help="rows for the comparison if full size times out")
+    ap.add_argument("--sweep-d", type=int, default=1024, help="columns of the scaling sweeps")
+    ap.add_argument("--sweep-k", type=int, default=64, help="experts of the d_ff sweep")
+    ap.add_argument("--sweep-d-ff", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 11008])
+    ap.add_argument("--sweep-ks", type=int, nargs="+", default=[8, 16, 32, 64, 128])
+    ap.add_argument("--sweep-rows", type=int, default=4096, help="rows (d_ff) of the k sweep")
+    ap.add_argument("--sweep-repeats", type=int, default=3)
+    ap.add_argument("--quick", action="store_true", help="a small setting (< 60 s) with every measured path")
+    ap.add_argument("--no-curves", action="store_true", help="skip the scaling sweeps")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "emoe_clustering.json")
     args = ap.parse_args()
+    if args.quick:
+        args.n, args.d, args.k, args.subsample, args.exact_timeout = 512, 64, 8, 256, 60.0
+        args.sweep_d, args.sweep_k, args.sweep_d_ff = 64, 8, [128, 256, 512]
+        args.sweep_ks, args.sweep_rows, args.sweep_repeats = [4, 8, 16], 256, 1
 
     exact_version = exact_available()
     load_before = os.getloadavg()
@@ -216,6 +257,7 @@ def main() -> None:
     for kind in args.kinds:
         print(f"{kind}: {args.n} x {args.d}, k = {args.k}", flush=True)
         rows[kind] = bench_one(kind, args, exact_version)
+    curves = [] if args.no_curves else sweep(args)
     load_after = os.getloadavg()
 
     print()
@@ -233,9 +275,33 @@ def main() -> None:
     print(f"targets: time_ours < {TIME_TARGET_S:.0f} s, ratio <= {RATIO_TARGET}")
     print(f"load average before/after: {load_before[0]:.2f} / {load_after[0]:.2f} on {os.cpu_count()} CPUs")
 
+    ratios: dict[str, float] = {}
+    targets: dict[str, float] = {}
+    for kind, r in rows.items():
+        ratios[f"{kind}_inertia_ours_over_exact"] = r["ratio_inertia_ours_over_exact"]
+        ratios[f"{kind}_time_ours_over_budget"] = r["time_ours"] / TIME_TARGET_S
+        targets[f"{kind}_inertia_ours_over_exact"] = RATIO_TARGET
+        targets[f"{kind}_time_ours_over_budget"] = 1.0
+    notes = [
+        f"time budget {TIME_TARGET_S:.0f} s at full size; inertia ratio against "
+        f"{next(iter(rows.values()))['exact_solver']}",
+        *(
+            f"{c['name']}: exponent {c['exponent']:.2f} (R² {c['r2']:.3f}) over {c['x_label']} "
+            f"{c['x'][0]:g}..{c['x'][-1]:g}"
+            for c in curves
+        ),
+    ]
     result = {
         "benchmark": "emoe_clustering",
-        "targets": {"time_ours_s": TIME_TARGET_S, "ratio_inertia_ours_over_exact": RATIO_TARGET},
+        "setting": {k_: (str(v) if isinstance(v, Path) else v) for k_, v in vars(args).items()},
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "median_seconds": {kind: r["time_ours"] for kind, r in rows.items()},
+        "ratios": ratios,
+        "targets": targets,
+        "met": {k_: ratios[k_] <= v for k_, v in targets.items()},
+        "curves": curves,
+        "notes": notes,
         "environment": {
             "torch": torch.__version__,
             "numpy": np.__version__,
@@ -251,6 +317,8 @@ def main() -> None:
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
+    if curves:
+        plot_curves(curves, args.out.with_name(args.out.stem + "_curves.png"), "EMoE balanced k-means scaling")
     print(f"wrote {args.out}")
 
 

@@ -208,6 +208,7 @@ def main() -> None:
     p.add_argument("--dir", default="/tmp/modulart_introspect_bench", help="where the synthetic checkpoint goes")
     p.add_argument("--budget-mb", type=float, default=128, help="streaming chunk budget (fp32)")
     p.add_argument("--keep", action="store_true", help="keep the checkpoint afterwards")
+    p.add_argument("--out", type=Path, default=None, help="result JSON (default: benchmarks/results/...)")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     directory = Path(args.dir)
@@ -278,7 +279,8 @@ def main() -> None:
         "quick": args.quick,
         "cpus": os.cpu_count(),
     }
-    out = RESULTS / f"introspect_streaming{'_quick' if args.quick else ''}.json"
+    out = args.out or RESULTS / f"introspect_streaming{'_quick' if args.quick else ''}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(record, indent=2))
     print(f"\nwrote {out}")
 

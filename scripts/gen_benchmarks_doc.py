@@ -242,7 +242,92 @@ def render_growth_checkpoint(data: dict[str, Any], name: str) -> list[str]:
         f"(target {s['rss_target_mib']:.1f} MiB: {'met' if s['rss_within_target'] else 'missed'}).",
         "",
     ]
+    return out + curves_section(data, name)
+
+
+# --- performance benchmarks: ratios against a baseline in the same run, scaling curves ----------
+PERF_TITLES = {
+    "emoe_executors": "EMoE executors against the dense FFN",
+    "emoe_clustering": "EMoE clustering",
+    "migu_overhead": "MIGU step against plain AdamW",
+    "hook_overhead": "Hook registry overhead",
+    "introspect_streaming": "Streaming MoE introspection",
+    "scale_7b": "A 7B-shaped end-to-end run",
+}
+ASSETS = ROOT / "docs" / "assets" / "benchmarks"
+
+
+def _value(v: Any) -> str:
+    if isinstance(v, bool):
+        return str(v)
+    if isinstance(v, float):
+        return f"{v:.3g}" if abs(v) >= 1e-3 or v == 0 else f"{v:.2e}"
+    return str(v)
+
+
+def _targets_table(data: dict[str, Any]) -> list[str]:
+    ratios: dict[str, Any] = data.get("ratios", {})
+    upper: dict[str, Any] = data.get("targets", {})
+    lower: dict[str, Any] = data.get("targets_min", {})
+    met: dict[str, Any] = data.get("met", {})
+    if not ratios:
+        return []
+    rows = []
+    for k, v in ratios.items():
+        target = f"≤ {upper[k]}" if k in upper else f"≥ {lower[k]}" if k in lower else "-"
+        verdict = "-" if k not in met else ("met" if met[k] else "**missed**")
+        rows.append([f"`{k}`", _value(v), target, verdict])
+    return table(["ratio", "measured", "target", ""], rows)
+
+
+def curves_section(data: dict[str, Any], name: str) -> list[str]:
+    """The scaling curves of one results file: a table of fitted exponents and the PNG (if any)."""
+    curves: list[dict[str, Any]] = data.get("curves", [])
+    if not curves:
+        return []
+    out = ["Scaling curves (least-squares fit of log y on log x: y grows as x^b):", ""]
+    rows = []
+    for c in curves:
+        xs = c["x"]
+        rows.append([c["name"], f"{c['y_label']} vs {c['x_label']}", f"{_value(min(xs))}–{_value(max(xs))}",
+                     str(len(xs)), f"{c['exponent']:.2f}", f"{c['r2']:.3f}", c.get("note", "")])  # fmt: skip
+    out += table(["curve", "quantity", "x range", "points", "exponent b", "R²", "note"], rows)
+    png = Path(name).stem + "_curves.png"
+    if (ASSETS / png).is_file():
+        out += [f"![{Path(name).stem} scaling curves](assets/benchmarks/{png})", ""]
     return out
+
+
+def render_perf(data: dict[str, Any], name: str) -> list[str]:
+    out = [f"## {PERF_TITLES[data['benchmark']]} (`{name}`)", ""]
+    out += provenance_lines(data["provenance"])
+    setting = data.get("setting", {})
+    if setting:
+        shown = ", ".join(f"{k} {v}" for k, v in setting.items() if k not in ("out",) and not isinstance(v, dict))
+        out += [f"Setting: {shown}; torch threads {data.get('threads', '-')}.", ""]
+    out += _targets_table(data)
+    out += curves_section(data, name)
+    notes: list[str] = data.get("notes", [])
+    if notes:
+        out += [f"- {n}" for n in notes] + [""]
+    return out
+
+
+def sync_assets(results: Path = RESULTS, check: bool = False) -> list[str]:
+    """Copy each shown results file's ``*_curves.png`` into docs/assets/benchmarks/; the stale ones."""
+    stale = []
+    for _, name, _ in load(results):
+        src = results / (Path(name).stem + "_curves.png")
+        if not src.is_file():
+            continue
+        dst = ASSETS / src.name
+        if dst.is_file() and dst.read_bytes() == src.read_bytes():
+            continue
+        stale.append(dst.name)
+        if not check:
+            ASSETS.mkdir(parents=True, exist_ok=True)
+            dst.write_bytes(src.read_bytes())
+    return stale
 
 
 Renderer = Callable[[dict[str, Any], str], list[str]]
@@ -250,8 +335,8 @@ RENDERERS: dict[str, Renderer] = {
     "compare_operators": render_compare,
     "growth_pretrain": render_growth_pretrain,
     "growth_checkpoint": render_growth_checkpoint,
-}
-ORDER = ("compare_operators", "growth_pretrain", "growth_checkpoint")
+} | dict.fromkeys(PERF_TITLES, render_perf)
+ORDER = ("compare_operators", "growth_pretrain", "growth_checkpoint", *PERF_TITLES)
 
 
 def _kind(data: dict[str, Any], path: Path) -> str:
@@ -376,10 +461,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 1
     if args.check:
-        if not DOC.exists() or DOC.read_text() != text:
-            print("docs/benchmarks.md is stale: run python scripts/gen_benchmarks_doc.py", file=sys.stderr)
+        stale = sync_assets(check=True)
+        if not DOC.exists() or DOC.read_text() != text or stale:
+            what = f" (and {', '.join(stale)} in docs/assets/benchmarks/)" if stale else ""
+            print(f"docs/benchmarks.md is stale{what}: run python scripts/gen_benchmarks_doc.py", file=sys.stderr)
             return 1
         return 0
+    sync_assets()
     DOC.write_text(text)
     print(f"wrote {DOC.relative_to(ROOT)}")
     return 0

@@ -98,3 +98,45 @@ def test_compare_operators_quick_runs_end_to_end(compare: ModuleType, gen: Modul
     for name in ("full", "migu", "kv_keys", "kv_values", "emoe", "patcher"):
         assert f"`{name}`" in text
     assert "Quick (CI) size" in text
+
+
+@pytest.fixture(scope="module")
+def scaling() -> ModuleType:
+    return _load(ROOT / "benchmarks" / "_scaling.py", "_scaling")
+
+
+def test_power_law_fit_recovers_the_exponent(scaling: ModuleType) -> None:
+    xs = [1.0, 2.0, 4.0, 8.0, 16.0]
+    a, b, r2 = scaling.fit_power_law(xs, [3.0 * x**1.5 for x in xs])
+    assert math.isclose(a, 3.0, rel_tol=1e-9) and math.isclose(b, 1.5, rel_tol=1e-9) and math.isclose(r2, 1.0)
+    _, flat, _ = scaling.fit_power_law(xs, [2.0] * 5)  # flat memory: exponent 0
+    assert abs(flat) < 1e-12
+    for bad_x, bad_y in (([1.0], [1.0]), ([1.0, 1.0], [1.0, 2.0]), ([0.0, 1.0], [1.0, 2.0]), ([1.0, 2.0], [1.0])):
+        with pytest.raises(ValueError):
+            scaling.fit_power_law(bad_x, bad_y)
+
+
+def test_a_performance_result_renders_its_ratios_targets_and_curves(
+    gen: ModuleType, scaling: ModuleType, tmp_path: Path
+) -> None:
+    c = scaling.curve("ratio vs tokens", "tokens", "sparse / dense", [512, 1024, 2048], [0.5, 0.45, 0.4], "k 16")
+    data = {
+        "benchmark": "emoe_executors",
+        "setting": {"tokens": 4096, "out": "x.json"},
+        "threads": 2,
+        "ratios": {"sparse_fwd_vs_dense": 0.38, "masked_fwd_bwd_vs_dense": 1.2, "stream_vs_raw": 0.9},
+        "targets": {"sparse_fwd_vs_dense": 0.4, "masked_fwd_bwd_vs_dense": 1.15},
+        "targets_min": {"stream_vs_raw": 0.85},
+        "met": {"sparse_fwd_vs_dense": True, "masked_fwd_bwd_vs_dense": False, "stream_vs_raw": True},
+        "curves": [c],
+        "notes": ["routing takes 3% of the time"],
+    }
+    (tmp_path / "emoe_executors.json").write_text(json.dumps(data))
+    prov = {"command": "python benchmarks/emoe_executors.py", "machine": {"cpus": 2}, "date": "2026-12-03"}
+    (tmp_path / "provenance.json").write_text(json.dumps({"emoe_executors.json": prov}))
+    text = gen.render(tmp_path)
+    assert "| `sparse_fwd_vs_dense` | 0.38 | ≤ 0.4 | met |" in text
+    assert "| `masked_fwd_bwd_vs_dense` | 1.2 | ≤ 1.15 | **missed** |" in text
+    assert "| `stream_vs_raw` | 0.9 | ≥ 0.85 | met |" in text
+    assert f"| {c['exponent']:.2f} |" in text and "ratio vs tokens" in text
+    assert "- routing takes 3% of the time" in text and "Setting: tokens 4096; torch threads 2." in text

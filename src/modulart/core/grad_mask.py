@@ -43,7 +43,7 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -63,6 +63,10 @@ class SliceMask:
     keep: torch.Tensor  # [param.shape[axis]] bool, or [param.shape[0], param.shape[axis]] per expert
     axis: int
     bias: torch.Tensor | None = None  # shaped like keep
+    # keep as the multiplier / selector of a tensor, per (is bias, device, dtype): built once per mask
+    _cache: dict[tuple[bool, torch.device, torch.dtype], torch.Tensor] = field(
+        default_factory=dict, repr=False, compare=False
+    )
 
     @property
     def per_expert(self) -> bool:
@@ -76,6 +80,20 @@ class SliceMask:
         if self.per_expert:
             shape[0] = int(self.keep.shape[0])
         return self.keep.to(like.device).view(shape)
+
+    def keep_like(self, t: torch.Tensor, dtype: torch.dtype | None = None, *, bias: bool = False) -> torch.Tensor:
+        """``keep`` for ``t`` on ``t``'s device as ``dtype`` (default bool): broadcast along ``axis``
+        for the parameter (or its gradient), ``keep`` itself for the bias (``bias=True``).
+
+        Cached per mask: a mask's ``keep`` is never changed in place (:meth:`GradientMasker.set` copies it).
+        """
+        key = (bias, t.device, dtype or torch.bool)
+        got = self._cache.get(key)
+        if got is None:
+            got = self.keep.to(t.device) if bias else self.broadcast(t)
+            got = got.to(dtype) if dtype is not None else got
+            self._cache[key] = got
+        return got
 
     def masked(self) -> tuple[torch.Tensor, ...]:
         """Indices of the masked slices: ``(units,)``, or ``(experts, units)`` when per expert."""
@@ -116,7 +134,7 @@ class GradientMasker:
         self.registry = registry if registry is not None else HookRegistry(model, name="grad_mask")
         self.masks: dict[int, SliceMask] = {}
         self._masked_this_step = False
-        self._saved: list[tuple[SliceMask, tuple[torch.Tensor, ...], torch.Tensor, torch.Tensor | None]] = []
+        self._saved: list[tuple[SliceMask, torch.Tensor, torch.Tensor | None]] = []
         self._names = {id(p): n for n, p in model.named_parameters()}
         if optimizer is not None:
             self.registry.optimizer_step_pre(optimizer, self._before_step, priority=Priority.INTERVENE)
@@ -162,32 +180,41 @@ class GradientMasker:
     # --- applying -----------------------------------------------------------------------------
     @torch.no_grad()
     def mask_(self) -> None:
-        """Zero the masked gradient slices now (idempotent until the next optimizer step)."""
+        """Zero the masked gradient slices now (idempotent until the next optimizer step).
+
+        One ``torch._foreach_mul_`` over every masked gradient (weights and biases) with its cached
+        ``keep`` multiplier: multiplying by 1 or 0 is exact, so this is the per-tensor ``mul_``.
+        """
+        grads: list[torch.Tensor] = []
+        factors: list[torch.Tensor] = []
         for m in self.masks.values():
             for t in (m.param, m.bias):
                 if t is not None and t.grad is not None:
-                    t.grad.mul_(m.broadcast(t.grad).to(t.grad.dtype) if t is m.param else m.keep.to(t.grad))
+                    grads.append(t.grad)
+                    factors.append(m.keep_like(t.grad, t.grad.dtype, bias=t is not m.param))
+        if grads:
+            torch._foreach_mul_(grads, factors)
         self._masked_this_step = True
 
     def _before_step(self, opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         if not self._masked_this_step:
             self.mask_()
-        if self.freeze:  # save only the masked slices: they are all we must put back
+        if self.freeze:  # a copy of every masked tensor: no index lists, so no host-device sync
             with torch.no_grad():
-                self._saved = []
-                for m in self.masks.values():
-                    idx = m.masked()
-                    if idx[0].numel():
-                        bias = m.bias.detach()[idx].clone() if m.bias is not None else None
-                        self._saved.append((m, idx, m.units_view(m.param.detach())[idx].clone(), bias))
+                self._saved = [
+                    (m, m.param.detach().clone(), None if m.bias is None else m.bias.detach().clone())
+                    for m in self.masks.values()
+                ]
 
     def _after_step(self, opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        if self.freeze:
+        if self.freeze:  # kept slices as the optimizer left them, masked ones as they were (a selection: exact)
             with torch.no_grad():
-                for m, idx, weight, bias in self._saved:
-                    m.units_view(m.param.detach())[idx] = weight
+                for m, weight, bias in self._saved:
+                    w = m.param.detach()
+                    torch.where(m.keep_like(w), w, weight, out=w)
                     if m.bias is not None and bias is not None:
-                        m.bias.detach()[idx] = bias
+                        b = m.bias.detach()
+                        torch.where(m.keep_like(b, bias=True), b, bias, out=b)
             self._saved = []
         self._masked_this_step = False
 

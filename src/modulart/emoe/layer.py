@@ -6,9 +6,10 @@ Both executors work through hooks on the FFN view's sites; the model's modules a
   ``hidden_site`` the hidden activation h is multiplied by the 0/1 mask of each token's selected
   experts, so ``y = (m(x) ⊙ h) W_outᵀ + b_out`` with ``b_out`` added once, by the model itself.
   Gradients reach only selected neurons.
-- **sparse** (inference): at ``input_site`` the hook computes the FFN output from the selected
-  experts only (tokens grouped by expert, one gather of the weights per call, contiguous per-expert
-  slices), then hands the module an *empty* token dimension so the dense path costs nothing; at
+- **sparse** (inference; gradients work too): at ``input_site`` the hook computes the FFN output
+  from the selected experts only (tokens grouped by expert with one argsort, per-expert weight
+  blocks cached while the weights are unchanged, per-expert GEMMs into reused buffers, a custom
+  backward), then hands the module an *empty* token dimension so the dense path costs nothing; at
   ``output_site`` the hook returns the sparse result. Outputs equal the masked executor's. Other
   operators' hooks inside the FFN would see that empty token dimension, so :class:`EMoE
   <modulart.emoe.EMoE>` claims the FFN's subtree for a sparse layer
@@ -41,6 +42,7 @@ from __future__ import annotations
 
 import math
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -162,7 +164,7 @@ class ConvertedFFN:
         self.previous_load: torch.Tensor | None = None
         self.last_balance_loss: torch.Tensor | None = None
         self._local = threading.local()  # _q / _pending: in-flight state of each thread's forward
-        self._weight_cache: tuple[tuple[object, ...], list[tuple[torch.Tensor, ...]]] | None = None
+        self._weight_cache: tuple[tuple[object, ...], _ExpertBlocks] | None = None  # the grouped executor's weights
         self.ranks_agree = False  # set once the split is the first rank's (see agree_with_ddp)
 
     @property
@@ -402,25 +404,27 @@ class ConvertedFFN:
         return out.to(y.dtype)
 
     # --- the sparse executor ------------------------------------------------------------------
-    def _grouped_weights(self) -> list[tuple[torch.Tensor, ...]]:
-        """Per expert: ``(keysᵀ [d, s], upᵀ [d, s] | empty, values-rows [s, d], key bias, up bias)``.
-
-        Contiguous per-expert copies, laid out for ``rows @ W`` products. Cached while the weights
-        are unchanged (same storage and in-place version) and no gradient is needed; rebuilt
-        differentiably otherwise.
-        """
+    def _weight_stamp(self) -> tuple[tuple[torch.Tensor | None, ...], tuple[object, ...]]:
+        """The live FFN tensors ``(keys, up, valuesᵀ, key bias, up bias)`` and a token that changes with them."""
         ffn = self.ffn
         tensors = (ffn.keys, ffn.up, ffn.values.t(), ffn.key_bias, ffn.up_bias)
         for t in tensors:
             self._check_whole(t)
-        grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
         refs = (ffn.key_proj, ffn.up_proj, ffn.value_proj)  # effective (PEFT) weights are fresh tensors
         stamp: tuple[object, ...] = (
             *((t.data_ptr(), t._version) if t is not None else None for t in tensors),
             *(r.stamp for r in refs if r is not None),
         )
-        if not grad and self._weight_cache is not None and self._weight_cache[0] == stamp:
-            return self._weight_cache[1]
+        return tensors, stamp
+
+    def _grouped_weights(self) -> list[tuple[torch.Tensor, ...]]:
+        """Per expert: ``(keysᵀ [d, s], upᵀ [d, s] | empty, values-rows [s, d], key bias, up bias)``.
+
+        The reference executor's layout (:meth:`sparse_forward_reference`): contiguous per-expert
+        copies, rebuilt differentiably at every call.
+        """
+        ffn = self.ffn
+        tensors, _ = self._weight_stamp()
         order = self.groups.order.to(ffn.keys.device)
         empty = ffn.keys.new_empty(0)
         keys, up, vals, kb, ub = (t.index_select(0, order) if t is not None else None for t in tensors)
@@ -430,19 +434,69 @@ class ConvertedFFN:
         def chunks(t: torch.Tensor | None) -> list[torch.Tensor]:  # split: one cat in backward, not N slices
             return list(torch.split(t, sizes)) if t is not None else [empty] * len(sizes)
 
-        grouped: list[tuple[torch.Tensor, ...]] = [
+        return [
             (k.t().contiguous(), u.t().contiguous() if u.numel() else empty, v, kb_j, ub_j)
             for k, u, v, kb_j, ub_j in zip(chunks(keys), chunks(up), chunks(vals), chunks(kb), chunks(ub), strict=True)
         ]
-        self._weight_cache = None if grad else (stamp, grouped)
-        return grouped
+
+    def _expert_blocks(self) -> _ExpertBlocks:
+        """The FFN's weights regrouped per expert for the grouped executor (:class:`_ExpertBlocks`).
+
+        Detached copies (gradients go through :class:`_SparseExperts`), cached while the weights
+        are unchanged: the same storage and in-place version (an optimizer step updates them in
+        place, which bumps the version) and, for PEFT layers, the same adapter state.
+        """
+        tensors, stamp = self._weight_stamp()
+        cache = self._weight_cache
+        if cache is not None and cache[0] == stamp:
+            return cache[1]
+        blocks = _ExpertBlocks.build(self.groups, *(t.detach() if t is not None else None for t in tensors))
+        self._weight_cache = (stamp, blocks)
+        return blocks
+
+    def _uses_reference(self, x: torch.Tensor) -> bool:
+        """Cases the grouped executor leaves to the reference one: dropout in training, autocast, mixed dtypes."""
+        ffn = self.ffn
+        if self.config.dropout > 0 and ffn.module.training:
+            return True
+        if torch.is_autocast_enabled(x.device.type):
+            return True
+        return any(t is not None and t.dtype != x.dtype for t in (ffn.keys, ffn.up, ffn.values))
 
     def sparse_forward(self, x: torch.Tensor, idx: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
         """``x [T, d_model]``, selected experts ``idx [T, k]`` -> ``y [T, d_model]`` from those experts only.
 
-        Tokens are grouped by expert; each expert gathers its tokens, runs its neuron slice and
-        adds its output back, which keeps the working set of one expert in cache. ``keep``
-        (``[T, k]`` bool) leaves out assignments dropped by the capacity limit.
+        One stable argsort groups the token -> expert assignments by expert. Each expert gathers
+        its tokens into a reused buffer, runs one GEMM for its key (and up) columns, its
+        activation, one GEMM for its value rows, and adds its output back (``index_add_``); the
+        buffers are allocated once per call and every GEMM writes into them, so no per-expert
+        allocation (page faults) remains, and one expert's working set stays in cache. Gradients
+        come from a custom autograd function (:class:`_SparseExperts`) that replays the same
+        per-expert loop backwards. ``keep`` (``[T, k]`` bool) leaves out assignments dropped by
+        the capacity limit. Outputs and gradients equal :meth:`sparse_forward_reference`'s (and
+        the masked executor's) up to fp32 summation order; dropout in training, autocast and
+        weights of another dtype than ``x`` use the reference path.
+        """
+        if self._uses_reference(x):
+            return self.sparse_forward_reference(x, idx, keep)
+        ffn = self.ffn
+        token, counts = _expert_plan(idx, keep, self.groups.num_experts)
+        blocks = self._expert_blocks()
+        tensors = (ffn.keys, ffn.up, ffn.values, ffn.key_bias, ffn.up_bias)
+        if torch.is_grad_enabled() and (x.requires_grad or any(t is not None and t.requires_grad for t in tensors)):
+            out = _SparseExperts.apply(x, token, counts, blocks, ffn.activation, *tensors)  # type: ignore[no-untyped-call]
+            assert isinstance(out, torch.Tensor)
+        else:
+            out = _grouped_forward(x, token, counts, blocks, ffn.activation, save=False)[0]
+        return self._add_output_bias(out, idx, keep)
+
+    def sparse_forward_reference(
+        self, x: torch.Tensor, idx: torch.Tensor, keep: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The reference sparse executor (autograd over per-expert gathers, ``addmm`` and ``index_add_``).
+
+        Same contract as :meth:`sparse_forward`; it is what that method falls back on (dropout in
+        training, autocast) and what the tests compare it with.
         """
         ffn = self.ffn
         t, k = idx.shape
@@ -468,10 +522,15 @@ class ConvertedFFN:
             if up_t.numel():
                 h = h * (torch.addmm(ub, rows, up_t) if ub.numel() else rows @ up_t)
             out.index_add_(0, tok, (h @ vals).to(out.dtype))
+        return self._add_output_bias(out, idx, keep)
+
+    def _add_output_bias(self, out: torch.Tensor, idx: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
+        """``out [T, d_model]`` plus the output bias: the per-expert copies of the kept experts, or ``b_out``."""
         if self.bias is not None:
             kept = self.kept_experts(idx, keep)
             return out + (kept.to(self.bias.weight.dtype) @ self.bias.weight).to(out.dtype)
-        return out + ffn.value_bias if ffn.value_bias is not None else out
+        b = self.ffn.value_bias
+        return out + b if b is not None else out
 
     # --- telemetry ----------------------------------------------------------------------------
     def stats(self) -> RoutingStats:
@@ -491,3 +550,264 @@ class ConvertedFFN:
         self.tokens = 0
         self.dropped = 0
         return out
+
+
+# --- the grouped sparse executor ------------------------------------------------------------------
+def _expert_plan(idx: torch.Tensor, keep: torch.Tensor | None, num_experts: int) -> tuple[torch.Tensor, list[int]]:
+    """``idx [T, k]`` (and ``keep [T, k]`` bool) -> token of every kept assignment grouped by expert, per-expert counts.
+
+    One stable argsort: within an expert, tokens stay in ascending order (the reference's order).
+    """
+    k = int(idx.shape[1])
+    flat = idx.reshape(-1)
+    if keep is None:
+        token = torch.div(torch.argsort(flat, stable=True), k, rounding_mode="floor")
+    else:
+        kept_pos = torch.nonzero(keep.reshape(-1)).flatten()
+        flat = flat[kept_pos]
+        token = torch.div(kept_pos[torch.argsort(flat, stable=True)], k, rounding_mode="floor")
+    counts: list[int] = torch.bincount(flat, minlength=num_experts).tolist()
+    return token, counts
+
+
+@dataclass(frozen=True)
+class _ExpertBlocks:
+    """One FFN's weights regrouped per expert (detached copies) and the index maps back.
+
+    Attributes:
+        first: per expert ``[d_model, w_e]``: its key columns, then (gated) its up columns
+            (``w_e = s_e`` or ``2 s_e``), contiguous, for ``rows @ first``.
+        first_bias: per expert ``[w_e]`` (key bias, then up bias; zeros for a missing one) or None.
+        second: per expert ``[s_e, d_model]``: its value rows (views of one contiguous tensor).
+        sizes: ``s_e``, neurons per expert.
+        gated: whether the FFN has an up projection.
+        key_rows: ``[d_ff]``: row of neuron ``i``'s key in the stacked first-layer blocks
+            (``first[e]ᵀ`` stacked over experts), to map their gradients back.
+        up_rows: ``[d_ff]``: the same for its up row (gated), else None.
+        value_rows: ``[d_ff]``: row of neuron ``i``'s value in the stacked ``second`` blocks.
+    """
+
+    first: list[torch.Tensor]
+    first_bias: list[torch.Tensor | None]
+    second: list[torch.Tensor]
+    sizes: list[int]
+    gated: bool
+    key_rows: torch.Tensor
+    up_rows: torch.Tensor | None
+    value_rows: torch.Tensor
+
+    @property
+    def widths(self) -> list[int]:
+        """``w_e``: first-layer columns per expert."""
+        return [2 * s for s in self.sizes] if self.gated else list(self.sizes)
+
+    @staticmethod
+    def build(
+        groups: ExpertGroups,
+        keys: torch.Tensor | None,
+        up: torch.Tensor | None,
+        values_t: torch.Tensor | None,
+        key_bias: torch.Tensor | None,
+        up_bias: torch.Tensor | None,
+    ) -> _ExpertBlocks:
+        """Regroup ``keys / up [d_ff, d]``, ``values_t [d_ff, d_out]`` and the biases ``[d_ff]`` per expert."""
+        assert keys is not None and values_t is not None
+        device = keys.device
+        d_ff = int(keys.shape[0])
+        order = groups.order.to(device)
+        inverse = torch.empty_like(order)
+        inverse[order] = torch.arange(d_ff, device=device)
+        sizes = groups.sizes.tolist()
+        gated = up is not None
+        if gated:
+            assert up is not None
+            # stacked layout: expert e's key rows, then its up rows; position j of the grouped order
+            # (expert e, offset o_e) has its key at j + o_e and its up row at j + o_e + s_e
+            expert_of = groups.labels.to(device)[order]
+            offset = groups.offsets.to(device)[:-1]
+            key_pos = torch.arange(d_ff, device=device) + offset[expert_of]
+            up_pos = key_pos + groups.sizes.to(device)[expert_of]
+            source = torch.empty(2 * d_ff, dtype=torch.long, device=device)
+            source[key_pos], source[up_pos] = order, order + d_ff
+            stacked = torch.cat([keys, up]).index_select(0, source)
+            key_rows, up_rows = key_pos[inverse], up_pos[inverse]
+            widths = [2 * s for s in sizes]
+            if key_bias is None and up_bias is None:
+                bias = None
+            else:
+                kb = key_bias if key_bias is not None else keys.new_zeros(d_ff)
+                ub = up_bias if up_bias is not None else keys.new_zeros(d_ff)
+                bias = torch.cat([kb, ub]).index_select(0, source)
+        else:
+            stacked = keys.index_select(0, order)
+            key_rows, up_rows = inverse, None
+            widths = list(sizes)
+            bias = key_bias.index_select(0, order) if key_bias is not None else None
+        first = [b.t().contiguous() for b in torch.split(stacked, widths)]
+        first_bias: list[torch.Tensor | None] = (
+            list(torch.split(bias, widths)) if bias is not None else [None] * len(sizes)
+        )
+        second = list(torch.split(values_t.index_select(0, order), sizes))
+        return _ExpertBlocks(first, first_bias, second, sizes, gated, key_rows, up_rows, inverse)
+
+
+def _hidden(z: torch.Tensor, size: int, gated: bool, act: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """First-layer output ``z [n, w]`` -> hidden ``[n, s]``: ``σ(z)``, or ``σ(z[:, :s]) ⊙ z[:, s:]`` (gated)."""
+    return act(z[:, :size]) * z[:, size:] if gated else act(z)
+
+
+def _grouped_forward(
+    x: torch.Tensor,
+    token: torch.Tensor,
+    counts: list[int],
+    blocks: _ExpertBlocks,
+    act: Callable[[torch.Tensor], torch.Tensor],
+    *,
+    save: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``x [T, d]`` -> ``(y [T, d_out]`` without the output bias, every expert's first-layer output or None).
+
+    The first-layer outputs (``save=True``) are one flat tensor: expert ``e``'s ``[n_e, w_e]`` block
+    after the previous experts' (what the backward replays from).
+    """
+    t, d = int(x.shape[0]), int(x.shape[1])
+    d_out = int(blocks.second[0].shape[1])
+    out = x.new_zeros(t, d_out)
+    widths = blocks.widths
+    nmax = max(counts, default=0)
+    if nmax == 0:
+        return out, (x.new_empty(0) if save else None)
+    xbuf, ybuf = x.new_empty(nmax * d), x.new_empty(nmax * d_out)
+    zbuf = x.new_empty(sum(n * w for n, w in zip(counts, widths, strict=True)) if save else nmax * max(widths))
+    start = zoff = 0
+    for e, n in enumerate(counts):
+        if n == 0:
+            continue
+        tok = token[start : start + n]
+        start += n
+        w = widths[e]
+        rows = torch.index_select(x, 0, tok, out=xbuf[: n * d].view(n, d))
+        z = zbuf[zoff : zoff + n * w].view(n, w)
+        zoff += n * w if save else 0
+        bias = blocks.first_bias[e]
+        if bias is None:
+            torch.mm(rows, blocks.first[e], out=z)
+        else:
+            torch.addmm(bias, rows, blocks.first[e], out=z)
+        h = _hidden(z, blocks.sizes[e], blocks.gated, act)
+        out.index_add_(0, tok, torch.mm(h, blocks.second[e], out=ybuf[: n * d_out].view(n, d_out)))
+    return out, (zbuf if save else None)
+
+
+class _SparseExperts(torch.autograd.Function):
+    """The grouped sparse executor with its own backward (the same per-expert loop, reversed).
+
+    ``forward(x, token, counts, blocks, act, keys, up, values, key_bias, up_bias) -> y [T, d_out]``
+    (no output bias). The weights are passed for their gradients only: the forward computes with
+    ``blocks`` (their regrouped copies). Per expert the backward gathers the output gradient of
+    its tokens, recomputes σ from the saved first-layer output, and runs three GEMMs: value-row
+    gradient ``hᵀ g``, hidden gradient ``g Vᵀ``, first-layer gradient ``dzᵀ x`` (and ``dz W`` for
+    the input, added back with ``index_add_``); gradients are then mapped back to the neuron order
+    with one ``index_select`` per tensor. σ's derivative comes from autograd on σ itself.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: torch.autograd.function.FunctionCtx,
+        x: torch.Tensor,
+        token: torch.Tensor,
+        counts: list[int],
+        blocks: _ExpertBlocks,
+        act: Callable[[torch.Tensor], torch.Tensor],
+        keys: torch.Tensor,
+        up: torch.Tensor | None,
+        values: torch.Tensor,
+        key_bias: torch.Tensor | None,
+        up_bias: torch.Tensor | None,
+    ) -> torch.Tensor:
+        out, z = _grouped_forward(x, token, counts, blocks, act, save=True)
+        assert z is not None
+        ctx.save_for_backward(x, token, z)
+        ctx.counts, ctx.blocks, ctx.act = counts, blocks, act  # type: ignore[attr-defined]
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: torch.autograd.function.FunctionCtx, gy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        x, token, zsaved = ctx.saved_tensors  # type: ignore[attr-defined]
+        counts: list[int] = ctx.counts  # type: ignore[attr-defined]
+        blocks: _ExpertBlocks = ctx.blocks  # type: ignore[attr-defined]
+        act: Callable[[torch.Tensor], torch.Tensor] = ctx.act  # type: ignore[attr-defined]
+        need = ctx.needs_input_grad  # type: ignore[attr-defined]
+        need_x, need_second = bool(need[0]), bool(need[7])
+        need_bias = bool(need[8] or need[9])
+        need_first = bool(need[5] or need[6]) or need_bias
+        need_dz = need_x or need_first
+        gy = gy.contiguous()
+        d, d_out = int(x.shape[1]), int(gy.shape[1])
+        sizes, widths = blocks.sizes, blocks.widths
+        nmax = max(counts, default=0)
+        dx = torch.zeros_like(x) if need_x else None
+        dfirst = x.new_empty(sum(widths), d) if need[5] or need[6] else None
+        dbias = x.new_empty(sum(widths)) if need_bias else None
+        dsecond = x.new_empty(sum(sizes), d_out) if need_second else None
+        gbuf = x.new_empty(nmax * d_out)
+        xbuf = x.new_empty(nmax * d) if dfirst is not None or need_x else None
+        dhbuf = x.new_empty(nmax * max(sizes)) if need_dz else None
+        dzbuf = x.new_empty(nmax * max(widths)) if need_dz and blocks.gated else None
+        start = zoff = off1 = off2 = 0
+        for e, n in enumerate(counts):
+            s, w = sizes[e], widths[e]
+            first_rows, second_rows = slice(off1, off1 + w), slice(off2, off2 + s)
+            off1, off2 = off1 + w, off2 + s
+            if n == 0:
+                for buf, rows_e in ((dfirst, first_rows), (dbias, first_rows), (dsecond, second_rows)):
+                    if buf is not None:
+                        buf[rows_e] = 0
+                continue
+            tok = token[start : start + n]
+            start += n
+            z = zsaved[zoff : zoff + n * w].view(n, w)
+            zoff += n * w
+            g = torch.index_select(gy, 0, tok, out=gbuf[: n * d_out].view(n, d_out))
+            zg = z[:, :s] if blocks.gated else z
+            if need_dz:
+                with torch.enable_grad():
+                    leaf = zg.detach().requires_grad_(True)
+                    a = act(leaf)
+            else:
+                a = act(zg)
+            h = a.detach() * z[:, s:] if blocks.gated else a.detach()
+            if dsecond is not None:
+                torch.mm(h.t(), g, out=dsecond[second_rows])
+            if not need_dz:
+                continue
+            assert dhbuf is not None
+            dh = torch.mm(g, blocks.second[e].t(), out=dhbuf[: n * s].view(n, s))
+            if blocks.gated:
+                assert dzbuf is not None
+                dz = dzbuf[: n * w].view(n, w)
+                torch.mul(dh, a.detach(), out=dz[:, s:])
+                (da,) = torch.autograd.grad(a, leaf, dh * z[:, s:])
+                dz[:, :s] = da
+            else:
+                (dz,) = torch.autograd.grad(a, leaf, dh)
+            if dbias is not None:
+                torch.sum(dz, 0, out=dbias[first_rows])
+            if dfirst is not None or need_x:
+                assert xbuf is not None
+                if dfirst is not None:
+                    rows = torch.index_select(x, 0, tok, out=xbuf[: n * d].view(n, d))
+                    torch.mm(dz.t(), rows, out=dfirst[first_rows])
+                if dx is not None:
+                    dx.index_add_(0, tok, torch.mm(dz, blocks.first[e].t(), out=xbuf[: n * d].view(n, d)))
+        grads: list[torch.Tensor | None] = [dx, None, None, None, None]
+        up_rows = blocks.up_rows
+        grads.append(dfirst.index_select(0, blocks.key_rows) if dfirst is not None and need[5] else None)
+        grads.append(
+            dfirst.index_select(0, up_rows) if dfirst is not None and need[6] and up_rows is not None else None
+        )
+        grads.append(dsecond.index_select(0, blocks.value_rows).t() if dsecond is not None else None)
+        grads.append(dbias.index_select(0, blocks.key_rows) if dbias is not None and need[8] else None)
+        grads.append(dbias.index_select(0, up_rows) if dbias is not None and need[9] and up_rows is not None else None)
+        return tuple(grads)

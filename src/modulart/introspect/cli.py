@@ -21,6 +21,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from modulart.cli import (
     check_output_path,
@@ -32,7 +33,10 @@ from modulart.cli import (
 )
 from modulart.core.errors import ArtifactNotFoundError, OutOfRangeError, SelectorError
 
-__all__ = ["INSPECT_FLAGS", "add_inspect_parser", "run_inspect"]
+if TYPE_CHECKING:
+    from modulart.introspect.weight_analysis import LayerDone
+
+__all__ = ["INSPECT_FLAGS", "add_inspect_parser", "progress_line", "run_inspect"]
 
 INSPECT_FLAGS: dict[str, str] = {
     "layers": "--layers",
@@ -92,6 +96,24 @@ def add_inspect_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser])
     p.set_defaults(flags=INSPECT_FLAGS)
 
 
+def progress_line(event: LayerDone) -> None:
+    """One progress line per analysed layer, on stderr (off a terminal; on one, a tqdm bar instead).
+
+    Example:
+        >>> import contextlib, io
+        >>> from modulart.introspect.weight_analysis import LayerDone
+        >>> with contextlib.redirect_stderr(io.StringIO()) as err:
+        ...     progress_line(LayerDone(3, 32, 5, 0.84))
+        >>> err.getvalue()
+        'inspect: layer 3/32 (block 5) done in 0.8 s\\n'
+    """
+    print(
+        f"inspect: layer {event.done}/{event.total} (block {event.layer}) done in {event.seconds:.1f} s",
+        file=sys.stderr,
+        flush=True,
+    )
+
+
 def _layers(spec: str | None) -> int | str | None:
     if spec is None:
         return None
@@ -112,7 +134,8 @@ def run_inspect(
     line, exit status 2; every other bad input raises its typed error before anything is written
     (``modulart.cli.main`` turns it into one line and an exit status): a refused ``--out`` as a
     :class:`~modulart.cli.UsageError`, a bad ``--layers`` as the selector error naming the flag.
-    Off a terminal, progress is plain lines through ``echo`` (on one, a tqdm bar).
+    Off a terminal, progress is plain lines: the start and the total through ``echo``, one line per
+    analysed layer on stderr (:func:`progress_line`); on a terminal, a tqdm bar.
 
     Example:
         >>> import tempfile, torch
@@ -163,6 +186,7 @@ def run_inspect(
             progress=False if quiet or not tty else None,
             reorder_neurons=args.reorder_neurons or None,
             options="reference" if getattr(args, "reference", False) else None,
+            on_layer=progress_line if not quiet and not tty else None,
         )
     except (SelectorError, OutOfRangeError) as e:
         if args.layers is None:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from os import PathLike
 from pathlib import Path
@@ -38,7 +38,7 @@ from modulart.introspect.live import DenseSpec
 from modulart.introspect.neuron_experts import ExpertsSpec
 from modulart.introspect.options import IntrospectOptions, OptionsArg, resolve_options
 from modulart.introspect.routing_analysis import routing
-from modulart.introspect.weight_analysis import Weights, offdiag_mean, weights
+from modulart.introspect.weight_analysis import LayerDone, Weights, offdiag_mean, weights
 
 __all__ = ["Report", "outlier_check", "report"]
 
@@ -374,6 +374,7 @@ def report(
     progress: bool | None = None,
     reorder_neurons: int | None = 256,
     options: OptionsArg = None,
+    on_layer: Callable[[LayerDone], None] | None = None,
 ) -> Report:
     """All static analyses (and the dynamic ones when ``inputs`` are given) with trends and the outlier check.
 
@@ -387,6 +388,8 @@ def report(
             reference notebooks' computations: per-matrix S3, rounded S4 mean, F in S5 and, with a
             live ``dense`` model and ``inputs``, in D1; shared experts in D1; ascending D2 ranks) or
             None (modulart's defaults).
+        on_layer: called with a :class:`~modulart.introspect.weight_analysis.LayerDone` after each
+            layer of the streaming weight pass (the CLI prints one progress line per layer with it).
 
     Example:
         >>> from modulart.introspect.toy import toy_moe
@@ -413,6 +416,7 @@ def report(
         budget_mb=budget_mb,
         progress=progress,
         options=opts,
+        on_layer=on_layer,
     )
     arrays: dict[str, torch.Tensor] = {}
     rows: list[dict[str, float]] = [{"layer": float(i)} for i in w.layers]

@@ -116,13 +116,26 @@ class TensorReader(ABC):
         """The whole canonical matrix, fp32."""
         return self.read(0, self.shape[self.chunk_axis], self.chunk_axis).tensor.float()
 
+    def hint(self, c: int, n: int, axis: int | None = None) -> None:
+        """Announce that chunk ``c`` of ``n`` will be read soon (stored matrices ask the operating
+        system to start reading it; a no-op here)."""
+        del c, n, axis
+
+    def describe(self) -> str:
+        """What this matrix is, for error messages (a stored one names its file and key)."""
+        return f"a {self.shape[0]}x{self.shape[1]} matrix"
+
 
 class _MemoryTensor(TensorReader):
     axes = (0, 1)
 
-    def __init__(self, t: torch.Tensor) -> None:
+    def __init__(self, t: torch.Tensor, what: str = "") -> None:
         self.t = t
+        self.what = what
         self.shape = (int(t.shape[0]), int(t.shape[1]))
+
+    def describe(self) -> str:
+        return self.what or super().describe()
 
     def read(self, start: int, stop: int, axis: int) -> Block:
         part = self.t[start:stop] if axis == 0 else self.t[:, start:stop]
@@ -237,7 +250,7 @@ def memory_reader(t: torch.Tensor, what: str, expected: tuple[int, int] | None =
         raise ShapeError(f"{what}: expected a 2-D matrix, got shape {tuple(t.shape)}")
     if expected is not None and tuple(t.shape) != expected:
         raise ShapeError(f"{what}: expected shape {expected}, got {tuple(t.shape)}")
-    return _MemoryTensor(t)
+    return _MemoryTensor(t, what)
 
 
 def chunk_count(shapes: list[tuple[int, int]], axis_sizes: list[int], budget_bytes: int) -> int:

@@ -24,16 +24,17 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import importlib
 from collections import defaultdict
-from collections.abc import Collection, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Collection, Generator, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
 from modulart.core.errors import ConfigError, ModulartError, OutOfRangeError, ShapeError
+from modulart.introspect.prefetch import Job, Prefetcher
 from modulart.introspect.sources import (
     NEURON_AXIS,
     LayerReader,
@@ -44,6 +45,7 @@ from modulart.introspect.sources import (
 )
 
 __all__ = [
+    "LayerScan",
     "LayerWeightStats",
     "ReorderResult",
     "kendall_tau",
@@ -52,6 +54,7 @@ __all__ = [
     "pearson",
     "reorder_similarity",
     "scan_layer",
+    "scan_layers",
 ]
 
 
@@ -110,20 +113,58 @@ def scan_layer(
     Returns:
         The :class:`LayerWeightStats` (router read too).
     """
+    (stats,) = scan_layers([LayerScan(lambda: reader, matrices, pca)], budget_bytes, pca_kinds)
+    return stats
+
+
+@dataclass(frozen=True)
+class LayerScan:
+    """One layer of a :func:`scan_layers` pass: how to open it (called in the reader thread) and
+    which matrices to accumulate (``pca``: those whose S5 z-scored Gram is accumulated too)."""
+
+    open: Callable[[], LayerReader]
+    matrices: Sequence[str]
+    pca: Sequence[str] = ()
+
+
+@dataclass
+class _Group:
+    """The members of one shape of one matrix type: read together, chunk by chunk."""
+
+    matrix: str
+    shape: tuple[int, int]
+    group: list[int]
+    readers: list[TensorReader]
+    n: int
+    axis: int
+
+
+@dataclass
+class _Plan:
+    """A layer opened and checked in the reader thread: what the caller accumulates, in read order."""
+
+    reader: LayerReader
+    router: torch.Tensor | None
+    matrices: list[str]
+    pca: list[str]
+    have: dict[str, list[int]]
+    experts: dict[str, list[int]]
+    groups: list[_Group]
+
+
+def _plan_layer(
+    reader: LayerReader, matrices: Sequence[str], budget_bytes: int, pca: Sequence[str], pca_kinds: Collection[str]
+) -> _Plan:
+    """Check a layer's matrices (the errors :func:`scan_layer` raises, in its order) and list its chunked groups."""
     members, kinds = reader.members, reader.kinds
     n_m = len(members)
-    stats = LayerWeightStats(reader.index, members, kinds, reader.router())
+    plan = _Plan(reader, reader.router(), [], list(pca), {}, {}, [])
     for matrix in matrices:
         check_matrix(matrix)
         have = [m for m in range(n_m) if reader.has(m, matrix)]
         if not have:
             raise ShapeError(f"layer {reader.index} ({reader.label}): no member has a {matrix!r} matrix")
-        na = NEURON_AXIS[matrix]
-        d_model = reader.shape(have[0], matrix)[1 - na]
-        gram = torch.full((n_m, n_m), float("nan"))
-        sums = torch.full((n_m, d_model), float("nan"))
         experts = [m for m in have if kinds[m] in pca_kinds]
-        zgram = torch.zeros(len(experts), len(experts), dtype=torch.float64)
         groups: dict[tuple[int, int], list[int]] = defaultdict(list)
         for m in have:
             groups[reader.shape(m, matrix)].append(m)
@@ -133,38 +174,120 @@ def scan_layer(
                 f"layer {reader.index} ({reader.label}): the PCA members' {matrix!r} matrices differ in shape "
                 f"{shapes}; leave the odd ones out (IntrospectOptions.pca_dense / pca_shared)"
             )
+        plan.matrices.append(matrix)
+        plan.have[matrix], plan.experts[matrix] = have, experts
         for shape, group in groups.items():
             readers = [reader.tensor(m, matrix) for m in group]
             axis = common_axis(readers)
             n = 1 if axis is None else chunk_count([shape] * len(group), [shape[axis]], budget_bytes)
-            g = torch.zeros(len(group), len(group), dtype=torch.float64)
-            acc = torch.zeros(len(group), d_model, dtype=torch.float64)
-            zrows = [i for i, m in enumerate(group) if m in experts] if matrix in pca else []
-            pos = torch.tensor([experts.index(group[i]) for i in zrows])
-            chunk_axis = 0 if axis is None else axis
-            with ThreadPoolExecutor(1) as pool:  # read chunk c + 1 while chunk c is reduced
-                pending = pool.submit(_read_chunk, readers, c=0, n=n, axis=chunk_axis)
-                for c in range(n):
-                    flat, spans = pending.result()  # flat [g, chunk] fp32
-                    if c + 1 < n:
-                        pending = pool.submit(_read_chunk, readers, c=c + 1, n=n, axis=chunk_axis)
-                    for i, (b_axis, start, stop, b_shape) in enumerate(spans):
-                        blk = flat[i].view(b_shape)
-                        part = (torch.mv(blk.t(), blk.new_ones(blk.shape[0])) if na == 0 else blk.sum(1)).double()
-                        if b_axis == na:
-                            acc[i] += part
-                        else:
-                            acc[i, start:stop] += part
-                    g += _gram(flat)
-                    if len(zrows) > 1:
-                        zgram[pos[:, None], pos[None, :]] += _zscored_gram(flat, zrows)
-                    del flat
-            idx = torch.tensor(group)
-            gram[idx[:, None], idx[None, :]] = g.float()
-            sums[idx] = (acc / float(shape[na])).float()
-        stats.gram[matrix], stats.neuron_mean[matrix] = gram, sums
-        if matrix in pca:
-            stats.zgram[matrix], stats.zmembers[matrix] = zgram.float(), experts
+            plan.groups.append(_Group(matrix, shape, group, readers, n, 0 if axis is None else axis))
+    return plan
+
+
+_Chunk = tuple[torch.Tensor, list[tuple[int, int, int, tuple[int, ...]]]]
+
+
+def _jobs(layers: Iterable[LayerScan], budget_bytes: int, pca_kinds: Collection[str]) -> Iterator[Job[_Plan | _Chunk]]:
+    """The reader thread's work, in the order the caller consumes it: per layer its plan, then every
+    group's chunks."""
+    for item in layers:
+        plan = _plan_layer(item.open(), item.matrices, budget_bytes, item.pca, pca_kinds)
+        yield Job(f"layer {plan.reader.index} ({plan.reader.label})", functools.partial(_same, plan))
+        for grp in plan.groups:
+            for c in range(grp.n):
+                what = ", ".join(r.describe() for r in grp.readers[:2]) + (", ..." if len(grp.readers) > 2 else "")
+                yield Job(
+                    f"layer {plan.reader.index} {grp.matrix!r} chunk {c + 1}/{grp.n} of {what}",
+                    functools.partial(_read_chunk, grp.readers, c=c, n=grp.n, axis=grp.axis),
+                    functools.partial(_hint_chunk, grp.readers, c=c, n=grp.n, axis=grp.axis),
+                )
+
+
+def scan_layers(
+    layers: Iterable[LayerScan],
+    budget_bytes: int = 128 << 20,
+    pca_kinds: Collection[str] = ("expert",),
+    *,
+    depth: int = 2,
+) -> Generator[LayerWeightStats, None, None]:
+    """:func:`scan_layer` over many layers as one pipeline: a background thread opens the layers and
+    reads (and converts to fp32) the chunks ahead, across matrix and layer boundaries, while the
+    caller reduces the current one; ``depth`` chunks are alive at most (the one being reduced
+    included), so memory stays at ``depth x budget_bytes`` whatever the model size.
+
+    The numbers are the same as :func:`scan_layer`'s, layer by layer (same chunks, same order of
+    accumulation). Stopping the iteration early (``close()`` on the generator) stops and joins the
+    thread; an error in it (a missing member, an unreadable file) is raised here, naming the layer,
+    the file and the tensor.
+
+    Args:
+        layers: per layer, how to open it and which matrices to scan (see :class:`LayerScan`).
+        budget_bytes: fp32 bytes of one chunk of all same-shape members.
+        pca_kinds: as for :func:`scan_layer`.
+        depth: chunks in flight (>= 1).
+
+    Yields:
+        One :class:`LayerWeightStats` per layer, in order.
+
+    Example:
+        >>> from modulart.introspect.live import ModelSource
+        >>> from modulart.introspect.toy import toy_moe
+        >>> src = ModelSource(toy_moe())
+        >>> todo = [LayerScan(lambda p=p: src.layer(p), ["act", "down"]) for p in range(2)]
+        >>> [tuple(s.cosine("down").shape) for s in scan_layers(todo)]
+        [(4, 4), (4, 4)]
+    """
+    with Prefetcher(_jobs(layers, budget_bytes, pca_kinds), depth, name="modulart-introspect-reader") as items:
+        for first in items:
+            assert isinstance(first, _Plan)
+            yield _reduce_layer(first, items)
+
+
+def _reduce_layer(plan: _Plan, items: Iterator[_Plan | _Chunk]) -> LayerWeightStats:
+    """Accumulate one layer's chunks (taken from ``items`` in plan order) into its statistics."""
+    reader = plan.reader
+    members, kinds = reader.members, reader.kinds
+    n_m = len(members)
+    stats = LayerWeightStats(reader.index, members, kinds, plan.router)
+    grams: dict[str, torch.Tensor] = {}
+    sums_: dict[str, torch.Tensor] = {}
+    zgrams: dict[str, torch.Tensor] = {}
+    for matrix in plan.matrices:
+        d_model = reader.shape(plan.have[matrix][0], matrix)[1 - NEURON_AXIS[matrix]]
+        grams[matrix] = torch.full((n_m, n_m), float("nan"))
+        sums_[matrix] = torch.full((n_m, d_model), float("nan"))
+        zgrams[matrix] = torch.zeros(len(plan.experts[matrix]), len(plan.experts[matrix]), dtype=torch.float64)
+    for grp in plan.groups:
+        matrix, shape, group = grp.matrix, grp.shape, grp.group
+        na = NEURON_AXIS[matrix]
+        experts = plan.experts[matrix]
+        d_model = sums_[matrix].shape[1]
+        g = torch.zeros(len(group), len(group), dtype=torch.float64)
+        acc = torch.zeros(len(group), d_model, dtype=torch.float64)
+        zrows = [i for i, m in enumerate(group) if m in experts] if matrix in plan.pca else []
+        pos = torch.tensor([experts.index(group[i]) for i in zrows])
+        for _ in range(grp.n):
+            item = next(items)
+            assert not isinstance(item, _Plan)
+            flat, spans = item  # flat [g, chunk] fp32
+            for i, (b_axis, start, stop, b_shape) in enumerate(spans):
+                blk = flat[i].view(b_shape)
+                part = (torch.mv(blk.t(), blk.new_ones(blk.shape[0])) if na == 0 else blk.sum(1)).double()
+                if b_axis == na:
+                    acc[i] += part
+                else:
+                    acc[i, start:stop] += part
+            g += _gram(flat)
+            if len(zrows) > 1:
+                zgrams[matrix][pos[:, None], pos[None, :]] += _zscored_gram(flat, zrows)
+            del flat, item
+        idx = torch.tensor(group)
+        grams[matrix][idx[:, None], idx[None, :]] = g.float()
+        sums_[matrix][idx] = (acc / float(shape[na])).float()
+    for matrix in plan.matrices:
+        stats.gram[matrix], stats.neuron_mean[matrix] = grams[matrix], sums_[matrix]
+        if matrix in plan.pca:
+            stats.zgram[matrix], stats.zmembers[matrix] = zgrams[matrix].float(), plan.experts[matrix]
     return stats
 
 
@@ -186,9 +309,39 @@ def _read_chunk(
     return flat, spans
 
 
+def _same(plan: _Plan) -> _Plan:
+    return plan
+
+
+def _hint_chunk(readers: list[TensorReader], *, c: int, n: int, axis: int) -> None:
+    """Tell the operating system which bytes chunk ``c`` will read (stored readers; a no-op in memory)."""
+    for r in readers:
+        r.hint(c, n, axis)
+
+
 def _gram(x: torch.Tensor, step: int = 1 << 18) -> torch.Tensor:
     """``x [n, p] -> x xᵀ [n, n]`` in fp64: fp32 products over ``step`` columns, summed in fp64
-    (one fp32 dot product over millions of coordinates loses about four digits)."""
+    (one fp32 dot product over millions of coordinates loses about four digits).
+
+    The full ``step``-column blocks go through one batched product (``[p // step, n, n]``; a
+    strided ``[n, step]`` slice per call is several times slower in BLAS), summed in fp64 in the
+    same order as one block at a time: the result is the same to the bit.
+    """
+    n, p = x.shape
+    out = torch.zeros(n, n, dtype=torch.float64)
+    full = p // step
+    if full:
+        v = x[:, : full * step].view(n, full, step).transpose(0, 1)  # [full, n, step], no copy
+        for blk in torch.bmm(v, v.transpose(1, 2)).double():
+            out += blk
+    if full * step < p:
+        part = x[:, full * step :]
+        out += (part @ part.t()).double()
+    return out
+
+
+def _gram_reference(x: torch.Tensor, step: int = 1 << 18) -> torch.Tensor:
+    """The one-block-at-a-time form of :func:`_gram` (the reference its tests compare against)."""
     out = torch.zeros(x.shape[0], x.shape[0], dtype=torch.float64)
     for s in range(0, x.shape[1], step):
         part = x[:, s : s + step]

@@ -2,9 +2,12 @@
 
 :func:`checkpoint_index` reads only the files' headers. :class:`StoredMatrix` reads one canonical
 matrix (a :class:`~modulart.introspect.footprint.Footprint` inside one stored tensor) chunk by chunk
-with ``safe_open(...).get_slice``: each read opens the file, takes a contiguous block of the stored
-tensor and closes the file again, so the pages it touched are unmapped and peak memory stays at one
-chunk, whatever the model size.
+with one large positional read (``os.preadv``) into a fresh tensor when the block is contiguous in
+the file (the usual case: chunks run along the outermost stored axis), else with
+``safe_open(...).get_slice``; each read opens the file and closes it again, so no pages stay
+mapped and peak memory stays at one chunk, whatever the model size. :meth:`StoredMatrix.hint`
+asks the kernel to start reading a chunk's bytes (``posix_fadvise(WILLNEED)``) while the previous
+chunk is reduced.
 
 Example:
     >>> import tempfile, torch
@@ -21,7 +24,11 @@ Example:
 
 from __future__ import annotations
 
+import ctypes
 import json
+import os
+import struct
+import sys
 from dataclasses import dataclass
 from os import PathLike
 from pathlib import Path
@@ -29,7 +36,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
-from modulart.core.errors import ArtifactNotFoundError, IncompatibleArtifactError
+from modulart.core.errors import ArtifactNotFoundError, IncompatibleArtifactError, ModulartError
 from modulart.core.io import inside
 from modulart.introspect.footprint import Footprint
 from modulart.introspect.sources import Block, TensorReader
@@ -39,11 +46,35 @@ __all__ = ["Entry", "StoredMatrix", "checkpoint_index", "plain", "read_full"]
 
 @dataclass(frozen=True)
 class Entry:
-    """One stored tensor: the file it is in, its shape and its dtype (as safetensors names it)."""
+    """One stored tensor: the file it is in, its shape, its dtype (as safetensors names it) and the
+    byte offset of its data in the file (-1: unknown, read through ``safe_open`` only)."""
 
     file: Path
     shape: tuple[int, ...]
     dtype: str
+    offset: int = -1
+
+
+_DTYPES: dict[str, torch.dtype] = {
+    "BF16": torch.bfloat16,
+    "F16": torch.float16,
+    "F32": torch.float32,
+    "F64": torch.float64,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "I16": torch.int16,
+    "I32": torch.int32,
+    "I64": torch.int64,
+}
+
+
+def _data_offsets(file: Path) -> dict[str, int]:
+    """Absolute byte offset of each tensor's data in a safetensors file (from its JSON header)."""
+    with file.open("rb") as fh:
+        (n,) = struct.unpack("<Q", fh.read(8))
+        header = json.loads(fh.read(n))
+    base = 8 + n
+    return {k: base + int(v["data_offsets"][0]) for k, v in header.items() if k != "__metadata__"}
 
 
 def checkpoint_index(directory: str | PathLike[str]) -> dict[str, Entry]:
@@ -89,10 +120,11 @@ def checkpoint_index(directory: str | PathLike[str]) -> dict[str, Entry]:
     for f in files:
         try:
             with safe_open(str(f), framework="pt") as h:
+                offsets = _data_offsets(f)
                 for k in h.keys():  # noqa: SIM118 (a safetensors handle, not a dict)
                     sl = h.get_slice(k)
-                    out[k] = Entry(f, tuple(int(s) for s in sl.get_shape()), str(sl.get_dtype()))
-        except (OSError, ValueError, RuntimeError, SafetensorError) as e:  # a truncated or garbled file
+                    out[k] = Entry(f, tuple(int(s) for s in sl.get_shape()), str(sl.get_dtype()), offsets.get(k, -1))
+        except (OSError, ValueError, RuntimeError, SafetensorError, struct.error) as e:  # truncated or garbled
             raise IncompatibleArtifactError(f"{f}: not a readable safetensors file ({e})") from None
     return out
 
@@ -132,7 +164,8 @@ class StoredMatrix(TensorReader):
         self.chunk_axis = min(walked)[1] if walked else 0
         self.axes = (self.chunk_axis,)
 
-    def read(self, start: int, stop: int, axis: int) -> Block:
+    def _index(self, start: int, stop: int, axis: int) -> list[int | slice]:
+        """The stored tensor's index of rows/columns ``[start, stop)`` along canonical ``axis``."""
         fp = self.fp
         owner = {d: a for a, (d, _) in enumerate(fp.axes) if d >= 0}
         index: list[int | slice] = []
@@ -144,8 +177,46 @@ class StoredMatrix(TensorReader):
             step = fp.axes[a][1]
             lo, hi = (start, stop) if a == axis else (0, fp.shape[a])
             index.append(slice(s + lo * step, s + (hi - 1) * step + 1))
-        with safe_open(str(self.entry.file), framework="pt") as h:
-            t: torch.Tensor = h.get_slice(self.key)[tuple(index)]
+        return index
+
+    def _span(self, index: list[int | slice]) -> tuple[int, int, bool]:
+        """``(byte offset, byte length, contiguous)`` of ``index`` in the file; the length is of the
+        bounding range when the block is not contiguous. ``(-1, 0, False)`` when unknown."""
+        dtype = _DTYPES.get(self.entry.dtype)
+        if self.entry.offset < 0 or dtype is None:
+            return -1, 0, False
+        item = torch.empty((), dtype=dtype).element_size()
+        dims = self.entry.shape
+        bounds = [
+            (i, i + 1, 1) if isinstance(i, int) else (i.start, i.stop, 1 if i.step is None else i.step) for i in index
+        ]
+        strides = [1] * len(dims)
+        for j in range(len(dims) - 2, -1, -1):
+            strides[j] = strides[j + 1] * dims[j + 1]
+        first = sum(lo * st for (lo, _, _), st in zip(bounds, strides, strict=True))
+        last = sum((hi - 1) * st for (_, hi, _), st in zip(bounds, strides, strict=True))
+        count = 1
+        for lo, hi, _ in bounds:
+            count *= hi - lo
+        contiguous = all(step == 1 for _, _, step in bounds) and last - first + 1 == count
+        return self.entry.offset + first * item, (last - first + 1) * item, contiguous
+
+    def read(self, start: int, stop: int, axis: int) -> Block:
+        fp = self.fp
+        owner = {d: a for a, (d, _) in enumerate(fp.axes) if d >= 0}
+        index = self._index(start, stop, axis)
+        try:
+            t = self._pread(index)
+            if t is None:
+                with safe_open(str(self.entry.file), framework="pt") as h:
+                    t = h.get_slice(self.key)[tuple(index)]
+        except ModulartError:
+            raise
+        except (OSError, ValueError, RuntimeError, SafetensorError) as e:
+            raise IncompatibleArtifactError(
+                f"{self.entry.file}: reading tensor {self.key!r} (rows/columns {start}:{stop} along axis {axis}) "
+                f"failed: {e}"
+            ) from e
         order = [owner[j] for j in sorted(owner)]  # canonical axes in stored order
         t = t[tuple(slice(None, None, fp.axes[a][1]) for a in order)]
         if order == [1, 0]:
@@ -154,3 +225,47 @@ class StoredMatrix(TensorReader):
             if d < 0:
                 t = t.unsqueeze(a)
         return Block(self.chunk_axis, start, stop, t)
+
+    def _pread(self, index: list[int | slice]) -> torch.Tensor | None:
+        """The block as ``get_slice(key)[index]`` would return it, by one positional read into a fresh
+        tensor; None when the block is not one contiguous byte range (or the layout is unknown)."""
+        offset, nbytes, contiguous = self._span(index)
+        if not contiguous or sys.byteorder != "little":
+            return None
+        shape = [len(range(i.start, i.stop, i.step or 1)) for i in index if isinstance(i, slice)]
+        out = torch.empty(nbytes, dtype=torch.uint8)
+        if nbytes:
+            buf = memoryview((ctypes.c_char * nbytes).from_address(out.data_ptr())).cast("B")
+            fd = os.open(self.entry.file, os.O_RDONLY)
+            try:
+                done = 0
+                while done < nbytes:
+                    got = os.preadv(fd, [buf[done:]], offset + done)
+                    if got == 0:
+                        raise IncompatibleArtifactError(
+                            f"{self.entry.file}: tensor {self.key!r} ends after byte {offset + done} (truncated file)"
+                        )
+                    done += got
+            finally:
+                os.close(fd)
+        return out.view(_DTYPES[self.entry.dtype]).view(shape)
+
+    def hint(self, c: int, n: int, axis: int | None = None) -> None:
+        axis = self.chunk_axis if axis is None or n == 1 else axis
+        size = self.shape[axis]
+        offset, nbytes, _ = self._span(self._index(size * c // n, size * (c + 1) // n, axis))
+        if offset < 0 or not nbytes or not hasattr(os, "posix_fadvise"):
+            return
+        try:
+            fd = os.open(self.entry.file, os.O_RDONLY)
+        except OSError:
+            return  # the read reports it
+        try:
+            os.posix_fadvise(fd, offset, nbytes, os.POSIX_FADV_WILLNEED)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+
+    def describe(self) -> str:
+        return f"tensor {self.key!r} in {self.entry.file}"

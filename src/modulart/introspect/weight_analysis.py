@@ -13,9 +13,12 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
 import sys
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from os import PathLike
 from typing import TYPE_CHECKING, Literal
@@ -29,20 +32,21 @@ from modulart.core.select import LayersArg, select_layers
 from modulart.introspect.options import IntrospectOptions, OptionsArg, resolve_options
 from modulart.introspect.sources import MATRICES, WeightSource, check_matrix
 from modulart.introspect.static import (
+    LayerScan,
     LayerWeightStats,
     ReorderResult,
     neuron_pca,
     pca_from_gram,
     pearson,
     reorder_similarity,
-    scan_layer,
+    scan_layers,
 )
 
 if TYPE_CHECKING:
     from modulart.introspect.live import DenseSpec
     from modulart.introspect.neuron_experts import ExpertsSpec
 
-__all__ = ["GateVsExperts", "PCAResult", "Similarity", "Weights", "offdiag_mean", "weights"]
+__all__ = ["GateVsExperts", "LayerDone", "PCAResult", "Similarity", "Weights", "offdiag_mean", "weights"]
 
 
 def offdiag_mean(sim: torch.Tensor, rows: Sequence[int] | None = None) -> float:
@@ -90,6 +94,22 @@ class Similarity:
         return self.values[:, rows, f].nanmean(1)
 
 
+@dataclass(frozen=True)
+class LayerDone:
+    """Progress of the streaming pass, handed to ``on_layer`` after each layer.
+
+    Attributes:
+        done / total: layers finished in this pass / layers it reads.
+        layer: the block index just finished.
+        seconds: wall time of that layer.
+    """
+
+    done: int
+    total: int
+    layer: int
+    seconds: float
+
+
 @dataclass
 class GateVsExperts:
     """S4: router-row similarity against the experts' mean-neuron similarity, per layer.
@@ -129,7 +149,12 @@ class Weights:
     Results of the streaming pass are cached per layer and matrix, so S1, S2, S4 and the expert
     PCA of one matrix cost one pass over the weights together. ``options`` (an
     :class:`~modulart.introspect.options.IntrospectOptions` or ``"reference"``) selects where the
-    analyses follow the reference notebooks instead of modulart's defaults.
+    analyses follow the reference notebooks instead of modulart's defaults. ``on_layer`` is called
+    with a :class:`LayerDone` after each layer of a streaming pass (e.g. to print progress lines).
+
+    The pass is a pipeline (:func:`~modulart.introspect.static.scan_layers`): a background thread
+    reads and converts the next chunk of weights, across matrix and layer boundaries, while the
+    current one is reduced; two chunks of ``budget_mb`` are alive at most.
     """
 
     def __init__(
@@ -140,8 +165,10 @@ class Weights:
         budget_mb: float = 128,
         progress: bool | None = None,
         options: OptionsArg = None,
+        on_layer: Callable[[LayerDone], None] | None = None,
     ) -> None:
         self.options: IntrospectOptions = resolve_options(options)
+        self.on_layer = on_layer
         self.source = source
         all_idx = source.layer_indices
         self.positions = select_layers(layers, len(all_idx)) if layers is not None else list(range(len(all_idx)))
@@ -174,21 +201,30 @@ class Weights:
         want = set(wanted) | {f"pca:{m}" for m in pca}
         todo = [p for p in self.positions if not want <= self._done.get(p, set())]
         show = self.progress if self.progress is not None else sys.stderr.isatty()
-        for p in tqdm(todo, desc="introspect: layers", unit="layer", disable=not show or not todo, leave=False):
-            reader = self.source.layer(p)
+        plans: list[tuple[int, list[str], list[str]]] = []
+        for p in todo:
             done = self._done.get(p, set())
             z = [m for m in pca if f"pca:{m}" not in done]
-            missing = list(dict.fromkeys([m for m in wanted if m not in done] + z))
-            st = scan_layer(reader, missing, self.budget_bytes, pca=z, pca_kinds=self._pca_kinds)
-            if p in self._stats:
-                old = self._stats[p]
-                old.gram.update(st.gram)
-                old.zgram.update(st.zgram)
-                old.zmembers.update(st.zmembers)
-                old.neuron_mean.update(st.neuron_mean)
-            else:
-                self._stats[p] = st
-            self._done.setdefault(p, set()).update(want)
+            plans.append((p, list(dict.fromkeys([m for m in wanted if m not in done] + z)), z))
+        items = [LayerScan(functools.partial(self.source.layer, p), missing, z) for p, missing, z in plans]
+        bar = tqdm(total=len(todo), desc="introspect: layers", unit="layer", disable=not show or not todo, leave=False)
+        t0 = time.perf_counter()
+        with bar, contextlib.closing(scan_layers(items, self.budget_bytes, self._pca_kinds)) as stream:
+            for k, ((p, _, _), st) in enumerate(zip(plans, stream, strict=True)):
+                if p in self._stats:
+                    old = self._stats[p]
+                    old.gram.update(st.gram)
+                    old.zgram.update(st.zgram)
+                    old.zmembers.update(st.zmembers)
+                    old.neuron_mean.update(st.neuron_mean)
+                else:
+                    self._stats[p] = st
+                self._done.setdefault(p, set()).update(want)
+                bar.update(1)
+                now = time.perf_counter()
+                if self.on_layer is not None:
+                    self.on_layer(LayerDone(k + 1, len(todo), self.source.layer_indices[p], now - t0))
+                t0 = now
         return [self._stats[p] for p in self.positions]
 
     @property
@@ -377,6 +413,7 @@ def weights(
     budget_mb: float = 128,
     progress: bool | None = None,
     options: OptionsArg = None,
+    on_layer: Callable[[LayerDone], None] | None = None,
 ) -> Weights:
     """The static analyses of a live model or a safetensors checkpoint directory (streamed).
 
@@ -389,6 +426,7 @@ def weights(
         progress: progress bar (default: when stderr is a terminal).
         options: an :class:`~modulart.introspect.options.IntrospectOptions`, ``"reference"`` (the
             reference notebooks' computations) or None / ``"default"`` (modulart's).
+        on_layer: called with a :class:`LayerDone` after each layer of a streaming pass.
 
     Returns:
         :class:`Weights`.
@@ -421,7 +459,9 @@ def weights(
         raise InvalidArgumentError(
             f"source must be a model, a checkpoint directory or a WeightSource, got {type(source)}"
         )
-    return Weights(src, layers=layers, budget_mb=budget_mb, progress=progress, options=opts)
+    if on_layer is not None and not callable(on_layer):
+        raise ConfigError(f"on_layer = {on_layer!r}: must be a callable taking a LayerDone, or None")
+    return Weights(src, layers=layers, budget_mb=budget_mb, progress=progress, options=opts, on_layer=on_layer)
 
 
 def _mean_r2(r: torch.Tensor, decimals: int | None) -> float:

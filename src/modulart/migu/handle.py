@@ -311,6 +311,12 @@ class MIGUHandle(Handle[MIGUConfig]):
         if not grads:
             return
         local: list[torch.Tensor] = [getattr(g, "to_local", lambda g=g: g)() for _, g in grads]  # DTensor: local shard
+        # one reduction per gradient and one host read per step: a NaN or inf element makes the sum
+        # NaN or inf, so finite sums prove finite gradients; a non-finite sum (also a finite overflow)
+        # is settled element by element below
+        sums = torch.stack([t.detach().sum(dtype=torch.float32).to(local[0].device) for t in local])
+        if bool(sums.isfinite().all()):
+            return
         ok = torch.stack([t.detach().isfinite().all().to(local[0].device) for t in local])
         if bool(ok.all()):
             return

@@ -14,6 +14,7 @@ Example:
 from __future__ import annotations
 
 import math
+import struct
 import warnings
 from dataclasses import dataclass, field
 
@@ -67,12 +68,19 @@ class UnitStats:
         self.units = units
         self.stat = stat
         self.total: torch.Tensor | None = None  # [units] fp32
-        self.tokens: torch.Tensor | None = None  # [] fp32: positions that voted
+        # positions that voted, summed as fp32 (exactly what a 0-dim fp32 tensor would hold): a host
+        # number while the count is known on the host (no tensor per forward, no device copy), a
+        # 0-dim tensor once loaded from an all-reduce
+        self._tokens: float | torch.Tensor | None = None
         self._warned = False
 
     @torch.no_grad()
     def record(self, h: torch.Tensor, token_mask: torch.Tensor | None = None, *, path: str = "") -> None:
-        """Add the output ``h [..., units]`` of one forward; ``token_mask [...]`` (nonzero = counts)."""
+        """Add the output ``h [..., units]`` of one forward; ``token_mask [...]`` (nonzero = counts).
+
+        Costs one elementwise ``|h|`` and one column sum of it (a fused single-pass ``|h|`` reduction,
+        ``torch.linalg.vector_norm(ord=1)``, sums in another order: other bits, and slower on CPU).
+        """
         a = h.detach().reshape(-1, self.units)
         if token_mask is not None and tuple(token_mask.shape) == tuple(h.shape[:-1]):
             keep = token_mask.detach().to(a.device).reshape(-1).ne(0)
@@ -86,12 +94,23 @@ class UnitStats:
                 stacklevel=2,
             )
         s = magnitude(a, self.stat)
-        n = torch.tensor(float(a.shape[0]), device=a.device)
-        if self.total is None or self.tokens is None:
-            self.total, self.tokens = s, n
+        n = _fp32(float(a.shape[0]))
+        if self.total is None or self._tokens is None:
+            self.total, self._tokens = s, n
         else:
             self.total += s
-            self.tokens += n
+            if isinstance(self._tokens, torch.Tensor):
+                self._tokens += n
+            else:
+                self._tokens = _fp32(self._tokens + n)
+
+    @property
+    def tokens(self) -> torch.Tensor | None:
+        """``[]`` fp32 on the statistic's device: the positions that voted this step (None: none ran)."""
+        if self._tokens is None or isinstance(self._tokens, torch.Tensor):
+            return self._tokens
+        device = self.total.device if self.total is not None else None
+        return torch.full((), self._tokens, dtype=torch.float32, device=device)
 
     @property
     def seen(self) -> bool:
@@ -99,29 +118,38 @@ class UnitStats:
 
     def score(self) -> torch.Tensor:
         """``[units]`` fp32 score: the sum (``abs_sum``) or the per-token mean (``l1_token_mean``)."""
-        if self.total is None or self.tokens is None:
+        if self.total is None or self._tokens is None:
             raise InvalidStateError("no forward was recorded")
         if self.stat == "l1_token_mean":
-            return self.total / self.tokens.clamp_min(1.0)
+            tokens = self.tokens
+            assert tokens is not None
+            return self.total / tokens.clamp_min(1.0)
         return self.total
 
     def reset(self) -> None:
         self.total = None
-        self.tokens = None
+        self._tokens = None
 
     def to_flat(self, device: torch.device) -> torch.Tensor:
         """``[units + 2]`` fp32: total, token count, seen flag (what DDP ranks average)."""
         total = self.total if self.total is not None else torch.zeros(self.units)
-        tokens = self.tokens if self.tokens is not None else torch.zeros(())
+        tokens = self.tokens
+        tokens = tokens if tokens is not None else torch.zeros(())
         seen = torch.ones(1) if self.seen else torch.zeros(1)
         return torch.cat([total.to(device), tokens.to(device).reshape(1), seen.to(device)])
 
     def load_flat(self, flat: torch.Tensor, device: torch.device) -> None:
         """Inverse of :meth:`to_flat` (averaged): seen on any rank keeps the averaged sums."""
         if float(flat[-1]) > 0:
-            self.total, self.tokens = flat[: self.units].clone().to(device), flat[self.units].clone().to(device)
+            self.total, self._tokens = flat[: self.units].clone().to(device), flat[self.units].clone().to(device)
         else:
             self.reset()
+
+
+def _fp32(x: float) -> float:
+    """``x`` rounded to the nearest fp32 (token counts are integers: their double sum is exact, so
+    rounding it is the fp32 sum a tensor would hold)."""
+    return float(struct.unpack("f", struct.pack("f", x))[0])
 
 
 def select_mask(score: torch.Tensor, keep_ratio: float, select: str) -> torch.Tensor:
