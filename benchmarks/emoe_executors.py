@@ -19,7 +19,7 @@ rest = Python and allocation), and the GFLOP/s of the per-expert GEMMs against t
 
 Usage:
     python benchmarks/emoe_executors.py [--tokens 4096] [--d-model 1024] [--d-ff 4096] [--experts 64]
-        [--top-k 16] [--rounds 7] [--quick] [--no-curves] [--out benchmarks/results/emoe_executors.json]
+        [--top-k 16] [--rounds 7] [--quick] [--no-curves] [--device cpu] [--out benchmarks/results/emoe_executors.json]
 """
 
 from __future__ import annotations
@@ -49,9 +49,19 @@ class MLP(nn.Module):
         return self.fc_out(self.act(self.fc_in(x)))
 
 
+DEVICE = torch.device("cpu")  # set by --device
+
+
+def _sync() -> None:
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize(DEVICE)
+
+
 def _time(fn: Callable[[], object]) -> float:
+    _sync()
     t0 = time.perf_counter()
     fn()
+    _sync()
     return time.perf_counter() - t0
 
 
@@ -203,12 +213,12 @@ def _ratio_point(model: nn.Module, x: torch.Tensor, experts: int, k: int, rounds
 def _curves(model: nn.Module, args: argparse.Namespace) -> list[dict[str, Any]]:
     n = args.experts
     rounds = max(3, args.rounds // 2)
-    x = torch.randn(args.tokens, args.d_model)
+    x = torch.randn(args.tokens, args.d_model, device=DEVICE)
     ks = [n // 2, n // 4, n // 8, n // 16]
     by_k = [_ratio_point(model, x, n, k, rounds) for k in ks]
     tokens = [args.tokens // 8, args.tokens // 4, args.tokens // 2, args.tokens, args.tokens * 2]
     k = max(1, n // 4)
-    by_t = [_ratio_point(model, torch.randn(t, args.d_model), n, k, rounds) for t in tokens]
+    by_t = [_ratio_point(model, torch.randn(t, args.d_model, device=DEVICE), n, k, rounds) for t in tokens]
     setting = f"d_model {args.d_model}, d_ff {args.d_ff}, N {n}"
     return [
         curve(
@@ -240,16 +250,19 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--quick", action="store_true", help="a small setting (< 60 s) with every measured path")
     ap.add_argument("--no-curves", action="store_true", help="skip the scaling sweeps")
+    ap.add_argument("--device", default="cpu", help="torch device of the FFN and the batch (e.g. cuda)")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "emoe_executors.json")
     args = ap.parse_args()
+    global DEVICE
+    DEVICE = torch.device(args.device)
     if args.quick:
         args.tokens, args.d_model, args.d_ff, args.experts, args.top_k, args.rounds = 512, 256, 1024, 16, 4, 3
 
     torch.manual_seed(0)
     n, k = args.experts, args.top_k
     k_half = max(1, k // 2)
-    model = MLP(args.d_model, args.d_ff)
-    x = torch.randn(args.tokens, args.d_model)
+    model = MLP(args.d_model, args.d_ff).to(DEVICE)
+    x = torch.randn(args.tokens, args.d_model, device=DEVICE)
     masked_model, masked = _convert(model, n, k, "masked")
     sparse_model, sparse = _convert(model, n, k, "sparse")
     half_model, half = _convert(model, n, k_half, "sparse")
@@ -280,7 +293,10 @@ def main() -> None:
         float((grads[1][n_] - g).abs().max() / g.abs().max().clamp_min(1e-30)) for n_, g in grads[0].items()
     )
     layer = next(iter(sparse.layers.values()))
-    profile, notes = _profile(layer, sparse_model, dense, x, args)
+    if DEVICE.type == "cpu":
+        profile, notes = _profile(layer, sparse_model, dense, x, args)
+    else:  # the profile reads CPU self times, which say nothing about kernels on an accelerator
+        profile, notes = {}, [f"device {DEVICE}: timings synchronise the device; no CPU-op profile"]
     masked.remove()
     sparse.remove()
     half.remove()
@@ -314,6 +330,7 @@ def main() -> None:
         "benchmark": "emoe_executors",
         "setting": {k_: (str(v) if isinstance(v, Path) else v) for k_, v in vars(args).items()},
         "threads": torch.get_num_threads(),
+        "device": str(DEVICE) if DEVICE.type == "cpu" else f"{DEVICE} ({torch.cuda.get_device_name(DEVICE)})",
         "torch": torch.__version__,
         "median_seconds": med,
         "ratios": ratios,

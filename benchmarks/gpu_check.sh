@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The CUDA checks, in a few minutes on one GPU: clustering, both EMoE executors and the MIGU
-# statistics on CUDA against CPU (tests/test_devices.py and the CUDA test of the clustering).
-# The executor and clustering benchmarks do not take a --device option yet.
+# statistics on CUDA against CPU (tests/test_devices.py and the CUDA test of the clustering), then
+# the executor and clustering benchmarks on the GPU, their JSON written to benchmarks/results/*_cuda.json.
 #
 #   bash benchmarks/gpu_check.sh            # on a machine with a CUDA GPU and a CUDA build of torch
 #
@@ -22,4 +22,8 @@ PY
 python -c "import modulart" 2>/dev/null || pip install -q --no-deps -e .
 echo "--- device tests (CPU and CUDA variants; none may be skipped for want of CUDA)"
 python -m pytest -q -p no:cacheprovider -rs tests/test_devices.py tests/test_emoe_cluster.py -k "device or cuda"
+echo "--- EMoE executors on CUDA (the CPU benchmark's full setting; curves skipped)"
+python benchmarks/emoe_executors.py --device cuda --no-curves --out benchmarks/results/emoe_executors_cuda.json
+echo "--- balanced k-means on CUDA"
+python benchmarks/emoe_clustering.py --device cuda --no-curves --out benchmarks/results/emoe_clustering_cuda.json
 echo "gpu_check passed"

@@ -10,9 +10,6 @@ assignments, per-expert output biases, empty experts, and partly frozen weights.
 from __future__ import annotations
 
 import copy
-import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -20,9 +17,9 @@ import torch
 from torch import nn
 
 import modulart as mt
+from benchmark_smoke import run_quick
 
 TOL = {"atol": 1e-6, "rtol": 2e-5}  # fp32 summation order: observed differences are ~1e-7 relative
-ROOT = Path(__file__).resolve().parents[1]
 
 
 class PlainFFN(nn.Module):
@@ -221,25 +218,15 @@ def test_dropout_in_training_uses_the_reference_path() -> None:
 
 @pytest.mark.slow
 def test_emoe_executors_benchmark_quick_writes_its_keys(tmp_path: Path) -> None:
-    out = tmp_path / "x.json"
-    script = ROOT / "benchmarks" / "emoe_executors.py"
-    subprocess.run([sys.executable, str(script), "--quick", "--out", str(out)], check=True, cwd=ROOT, timeout=300)
-    result = json.loads(out.read_text())
-    for key in ("benchmark", "setting", "threads", "torch", "median_seconds", "ratios", "targets", "met", "curves"):
-        assert key in result, key
-    assert set(result["targets"]) <= set(result["ratios"]) and set(result["met"]) == set(result["targets"])
+    result = run_quick("emoe_executors", tmp_path)
+    assert "median_seconds" in result
     assert {"sparse_fwd_vs_dense", "sparse_fwd_vs_dense_half_k", "sparse_fwd_bwd_vs_dense"} <= set(result["targets"])
-    assert result["notes"] and all(isinstance(n, str) for n in result["notes"])
+    assert result["notes"]
     assert {c["x_label"] for c in result["curves"]} >= {"N/k", "tokens"}
     assert result["sparse_vs_masked_max_abs_diff"] < 1e-3
 
 
 @pytest.mark.slow
 def test_emoe_clustering_benchmark_quick_writes_its_keys(tmp_path: Path) -> None:
-    out = tmp_path / "x.json"
-    script = ROOT / "benchmarks" / "emoe_clustering.py"
-    subprocess.run([sys.executable, str(script), "--quick", "--out", str(out)], check=True, cwd=ROOT, timeout=300)
-    result = json.loads(out.read_text())
-    for key in ("benchmark", "setting", "threads", "torch", "ratios", "targets", "met", "curves", "notes"):
-        assert key in result, key
+    result = run_quick("emoe_clustering", tmp_path)
     assert {c["x_label"] for c in result["curves"]} >= {"d_ff", "experts"}

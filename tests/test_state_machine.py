@@ -22,6 +22,7 @@ unchanged; the machine checks exactly that.
 from __future__ import annotations
 
 import contextlib
+import os
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -301,12 +302,13 @@ TestOperatorMachine = OperatorMachine.TestCase
 
 @pytest.mark.slow
 def test_operator_machine_large() -> None:
+    """30 programs of 30 steps in CI (about a minute); ``MODULART_STATE_MACHINE_EXAMPLES=300`` searches deeper."""
     from hypothesis.stateful import run_state_machine_as_test
 
     run_state_machine_as_test(
         OperatorMachine,
         settings=settings(
-            max_examples=100,
+            max_examples=int(os.environ.get("MODULART_STATE_MACHINE_EXAMPLES", "30")),
             stateful_step_count=30,
             deadline=None,
             suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],

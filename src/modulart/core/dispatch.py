@@ -36,6 +36,7 @@ import sys
 import threading
 import warnings
 import weakref
+from threading import get_ident
 from typing import TYPE_CHECKING, Any, Literal, TypeAlias, cast, get_args
 
 import torch
@@ -56,6 +57,7 @@ __all__ = [
     "HookHandle",
     "HookKind",
     "Priority",
+    "SiteCall",
     "compiled_code_exists",
     "dispatcher_for",
     "has_module_dispatchers",
@@ -88,7 +90,18 @@ class Priority(enum.IntEnum):
 
 _SEQ = itertools.count()
 REGISTRY_LOCK = threading.RLock()
-_SUSPENDED = threading.local()
+
+
+class _SuspendDepth(threading.local):
+    depth = 0  # per thread: open suspended() blocks (the class attribute is every thread's start)
+
+
+_SUSPENDED = _SuspendDepth()
+# Open suspended() blocks over all threads. A dispatcher reads only this global while it is 0 (the
+# common case: the per-thread lookup is the cost of a threading.local); it may stay too high after
+# an interrupt (then the per-thread depth decides, as before), never too low.
+_SUSPENDERS = 0
+_SUSPENDERS_LOCK = threading.Lock()
 
 
 @contextlib.contextmanager
@@ -102,16 +115,22 @@ def suspended() -> Iterator[None]:
         >>> with suspended():
         ...     pass
     """
-    depth = getattr(_SUSPENDED, "depth", 0)
-    _SUSPENDED.depth = depth + 1
+    global _SUSPENDERS
+    depth = _SUSPENDED.depth
+    with _SUSPENDERS_LOCK:
+        _SUSPENDERS += 1
     try:
+        _SUSPENDED.depth = depth + 1
         yield
     finally:
         _SUSPENDED.depth = depth
+        with _SUSPENDERS_LOCK:
+            _SUSPENDERS -= 1
 
 
 def _is_suspended() -> bool:
-    return bool(getattr(_SUSPENDED, "depth", 0))
+    """Whether the current thread is inside :func:`suspended` (cheap while no thread is)."""
+    return _SUSPENDERS > 0 and _SUSPENDED.depth > 0
 
 
 class HookHandle:
@@ -126,6 +145,8 @@ class HookHandle:
         enabled: a disabled callback is skipped (and not counted).
         thread: ``threading.get_ident()`` of the only thread whose forwards run the callback
             (``None``: every thread).
+        site: for a hook made by ``HookRegistry.at``, the site callback and its place (the
+            dispatcher calls it on the tensor directly; ``fn`` is the equivalent closure).
     """
 
     __slots__ = (
@@ -140,6 +161,7 @@ class HookHandle:
         "priority",
         "scope",
         "seq",
+        "site",
         "thread",
         "with_kwargs",
     )
@@ -155,6 +177,7 @@ class HookHandle:
         with_kwargs: bool,
         registry: HookRegistry,
         thread: int | None = None,
+        site: SiteCall | None = None,
     ) -> None:
         self.name = name
         self.kind = kind
@@ -166,6 +189,7 @@ class HookHandle:
         self.enabled = True
         self.seq = next(_SEQ)
         self.thread = thread
+        self.site = site
         self._registry: HookRegistry | None = registry
         self.scope = registry.name
         self._dispatcher: _Dispatcher | None = None
@@ -192,17 +216,46 @@ class HookHandle:
 
 def _runs_here(entry: HookHandle) -> bool:
     """Whether ``entry`` runs now: enabled, and unbound or bound to the current thread."""
-    return entry.enabled and (entry.thread is None or entry.thread == threading.get_ident())
+    return entry.enabled and (entry.thread is None or entry.thread == get_ident())
+
+
+class SiteCall:
+    """What a :class:`HookHandle` made by ``HookRegistry.at`` does, as data for the dispatcher.
+
+    The handle's ``fn`` is the equivalent ``(module, args[, kwargs], output)`` closure; the
+    dispatcher calls ``fn`` here on the site's tensor itself, which saves that closure's call.
+
+    Attributes:
+        fn: the site callback, ``fn(tensor) -> replacement | None``.
+        index: positional argument (``forward_pre``) or tuple element (``forward``) of the tensor.
+        kwarg: ``forward_pre`` only: the name of that positional parameter, for calls passing it
+            by keyword (None: unknown).
+        where: the site, for the error raised when a call passes no such argument.
+    """
+
+    __slots__ = ("fn", "index", "kwarg", "where")
+
+    def __init__(self, fn: Callable[[Any], Any], index: int, kwarg: str | None, where: str) -> None:
+        self.fn = fn
+        self.index = index
+        self.kwarg = kwarg
+        self.where = where
 
 
 class _Dispatcher:
-    """The single torch hook modulart owns on one (object, kind)."""
+    """The single torch hook modulart owns on one (object, kind).
+
+    ``entries`` is the ordered list of callbacks; ``_run`` is the same as a tuple, rebuilt on every
+    change, which each call iterates (a callback that adds or removes hooks does not change the
+    ones the current call runs, as with a copy taken per call).
+    """
 
     def __init__(self, target: Any, kind: HookKind) -> None:
         self.key = (id(target), kind)
         self.target_ref = weakref.ref(target)
         self.kind = kind
         self.entries: list[HookHandle] = []
+        self._run: tuple[HookHandle, ...] = ()
         self.torch_handle: RemovableHandle = self._register(target)
         self._finalizer = weakref.finalize(target, _DISPATCHERS.pop, self.key, None)
 
@@ -223,12 +276,14 @@ class _Dispatcher:
     def add(self, entry: HookHandle) -> None:
         keys = [(e.priority, e.seq) for e in self.entries]
         self.entries.insert(bisect.bisect_right(keys, (entry.priority, entry.seq)), entry)
+        self._run = tuple(self.entries)
         entry._dispatcher = self
 
     def discard(self, entry: HookHandle | None) -> None:
         if entry is not None:
             with contextlib.suppress(ValueError):
                 self.entries.remove(entry)
+            self._run = tuple(self.entries)
         if not self.entries:
             self.torch_handle.remove()
             self._finalizer.detach()
@@ -239,14 +294,34 @@ class _Dispatcher:
 
                 rehome.unwatch(self.target_ref())
 
+    def take_all(self) -> list[HookHandle]:
+        """Empty the dispatcher (its torch hook stays until :meth:`discard`); returns the callbacks."""
+        entries, self.entries, self._run = self.entries, [], ()
+        return entries
+
     # --- the torch-facing callbacks -----------------------------------------------------------
+    # Per call: one read of a global while no thread is suspended, one tuple built at install
+    # time, and per callback one check (enabled / thread) and one call: site callbacks
+    # (HookRegistry.at) get the tensor directly.
     def _run_forward(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> Any:
-        if _is_suspended():
+        if _SUSPENDERS and _is_suspended():
             return output
-        for e in tuple(self.entries):
+        for e in self._run:
             if not _runs_here(e):
                 continue
             e.fired += 1
+            site = e.site
+            if site is not None:  # = e.fn(module, args, output), without the closure's call
+                if isinstance(output, tuple):
+                    i = site.index
+                    new = site.fn(output[i])
+                    if new is not None:
+                        output = (*output[:i], new, *output[i + 1 :])
+                else:
+                    new = site.fn(output)
+                    if new is not None:
+                        output = new
+                continue
             r = e.fn(module, args, kwargs, output) if e.with_kwargs else e.fn(module, args, output)
             if r is not None:
                 output = r
@@ -255,14 +330,27 @@ class _Dispatcher:
     def _run_pre(
         self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
-        if _is_suspended():
+        if _SUSPENDERS and _is_suspended():
             return None
         changed = False
-        for e in tuple(self.entries):
+        for e in self._run:
             if not _runs_here(e):
                 continue
             e.fired += 1
-            if e.with_kwargs:
+            site = e.site
+            if site is not None:  # = e.fn(module, args, kwargs), without the closure's call
+                i = site.index
+                if len(args) > i:
+                    new = site.fn(args[i])
+                    if new is not None:
+                        args, changed = (*args[:i], new, *args[i + 1 :]), True
+                elif site.kwarg is not None and site.kwarg in kwargs:
+                    new = site.fn(kwargs[site.kwarg])
+                    if new is not None:
+                        kwargs, changed = {**kwargs, site.kwarg: new}, True
+                else:
+                    raise HookError(f"{site.where}: the forward call passed no argument {i} ({site.kwarg!r})")
+            elif e.with_kwargs:
                 r = e.fn(module, args, kwargs)
                 if r is not None:
                     if not (isinstance(r, tuple) and len(r) == 2 and isinstance(r[1], dict)):
@@ -280,10 +368,10 @@ class _Dispatcher:
         return (args, kwargs) if changed else None
 
     def _run_grad(self, grad: torch.Tensor) -> torch.Tensor | None:
-        if _is_suspended():
+        if _SUSPENDERS and _is_suspended():
             return None
         changed = False
-        for e in tuple(self.entries):
+        for e in self._run:
             if not _runs_here(e):
                 continue
             e.fired += 1
@@ -293,7 +381,7 @@ class _Dispatcher:
         return grad if changed else None
 
     def _run_post_acc(self, param: torch.Tensor) -> None:
-        for e in tuple(self.entries):
+        for e in self._run:
             if _runs_here(e):
                 e.fired += 1
                 e.fn(param)
@@ -302,7 +390,7 @@ class _Dispatcher:
         self, opt: torch.optim.Optimizer, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
         changed = False
-        for e in tuple(self.entries):
+        for e in self._run:
             if not _runs_here(e):
                 continue
             e.fired += 1
@@ -313,7 +401,7 @@ class _Dispatcher:
         return (args, kwargs) if changed else None
 
     def _run_opt_post(self, opt: torch.optim.Optimizer, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        for e in tuple(self.entries):
+        for e in self._run:
             if _runs_here(e):
                 e.fired += 1
                 e.fn(opt, args, kwargs)
@@ -363,7 +451,7 @@ def move_module_dispatchers(old: nn.Module, new: nn.Module) -> int:
             d = _live(old, kind)
             if d is None:
                 continue
-            entries, d.entries = d.entries, []
+            entries = d.take_all()
             d.torch_handle.remove()
             d._finalizer.detach()
             if _DISPATCHERS.get(d.key) is d:

@@ -57,6 +57,7 @@ from modulart.core.dispatch import (
     HookHandle,
     HookKind,
     Priority,
+    SiteCall,
     compiled_code_exists,
     dispatcher_for,
     drop_if_empty,
@@ -299,7 +300,8 @@ class HookRegistry:
                     return None if new is None else (args, {**kwargs, kwarg: new})
                 raise HookError(f"{site}: the forward call passed no argument {index} ({kwarg!r})")
 
-            return self.forward_pre(site.module, pre, priority=priority, name=name, with_kwargs=True)
+            call = SiteCall(fn, index, kwarg, str(site))
+            return self._add(HookSpec("forward_pre", site.module, pre, priority, True, name), call)
 
         def post(module: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
             if isinstance(output, tuple):
@@ -307,7 +309,10 @@ class HookRegistry:
                 return None if new is None else (*output[:index], new, *output[index + 1 :])
             return fn(output)
 
-        return self.forward(site.module, post, priority=priority, name=name)
+        # The dispatcher runs `call` (fn on the tensor itself); `pre` / `post` are the handle's `fn`,
+        # what the hook does written as a plain module hook.
+        call = SiteCall(fn, index, None, str(site))
+        return self._add(HookSpec("forward", site.module, post, priority, False, name), call)
 
     def install(self, specs: Sequence[HookSpec]) -> list[HookHandle]:
         """Install several hooks all-or-nothing.
@@ -421,11 +426,11 @@ class HookRegistry:
             )
 
     # --- internals ----------------------------------------------------------------------------
-    def _add(self, spec: HookSpec) -> HookHandle:
+    def _add(self, spec: HookSpec, site: SiteCall | None = None) -> HookHandle:
         obj, path = self._resolve(spec)
-        return self._install_resolved(spec, obj, path)
+        return self._install_resolved(spec, obj, path, site)
 
-    def _install_resolved(self, spec: HookSpec, obj: Any, path: str) -> HookHandle:
+    def _install_resolved(self, spec: HookSpec, obj: Any, path: str, site: SiteCall | None = None) -> HookHandle:
         if spec.kind in MODULE_KINDS:  # follow a wrap of the module, and guard its place from now on
             self._remember_home(obj)
             obj = rehome.follow(obj)
@@ -441,6 +446,7 @@ class HookRegistry:
                     with_kwargs=spec.with_kwargs,
                     registry=self,
                     thread=self.thread if spec.kind in MODULE_KINDS else None,
+                    site=site,
                 )
                 check_claims(self, obj)
                 first = spec.kind in MODULE_KINDS and not has_torch_hooks(obj, spec.kind)

@@ -499,15 +499,8 @@ class ConvertedFFN:
         training, autocast) and what the tests compare it with.
         """
         ffn = self.ffn
-        t, k = idx.shape
-        flat = idx.reshape(-1)
-        if keep is None:
-            token = torch.div(torch.argsort(flat, stable=True), k, rounding_mode="floor")
-        else:
-            kept_pos = torch.nonzero(keep.reshape(-1)).flatten()
-            flat = flat[kept_pos]
-            token = torch.div(kept_pos[torch.argsort(flat, stable=True)], k, rounding_mode="floor")
-        per_expert = torch.bincount(flat, minlength=self.groups.num_experts).tolist()
+        t = idx.shape[0]
+        token, per_expert = _expert_plan(idx, keep, self.groups.num_experts)
         p = self.config.dropout if ffn.module.training else 0.0
         out = torch.zeros(t, ffn.d_model, dtype=x.dtype, device=x.device)
         start = 0
