@@ -25,6 +25,13 @@ Install the exact solver for this benchmark only (it is not a modulart dependenc
 
     pip install k-means-constrained
 
+Conversion measurement (``conversion_structured``): keys drawn as ``benchmarks/scale_7b.py`` draws a
+7B FFN's gate rows (one of 64 random centres plus noise of half their scale, times 0.02, in bf16),
+clustered exactly as ``modulart.emoe.apply`` does (bf16 in, label cache on but emptied first, so
+the fp32 copy, the finiteness check and the cache key's hash are included); median of
+``--convert-repeats`` runs, with the k-means++ initialisation timed on its own for the profile.
+Target: ``<= 2.5 s`` per FFN (``--convert-budget``).
+
 Scaling curves (``--no-curves`` skips them): the time of ``balanced_kmeans`` on i.i.d. normal rows
 against ``d_ff`` (the number of rows, 1024 ... 11008 at ``--sweep-d`` columns and k = 64) and
 against k (8 ... 128 experts at 4096 rows), median of ``--sweep-repeats`` runs, each with its
@@ -33,7 +40,7 @@ fitted exponent.
 Usage:
     python benchmarks/emoe_clustering.py [--n 11008] [--d 4096] [--k 64] [--seed 0]
         [--exact-timeout 600] [--subsample 2048] [--sweep-d 1024] [--quick] [--no-curves]
-        [--out benchmarks/results/emoe_clustering.json]
+        [--device cpu] [--out benchmarks/results/emoe_clustering.json]
 """
 
 from __future__ import annotations
@@ -134,10 +141,68 @@ def exact_available() -> str | None:
     return version("k-means-constrained")
 
 
+DEVICE = torch.device("cpu")  # set by --device: where our solver runs (the exact solver always on CPU)
+
+
+def _sync() -> None:
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize(DEVICE)
+
+
 def timed_ours(x: torch.Tensor, k: int, seed: int) -> tuple[torch.Tensor, float]:
+    """Our labels (on CPU) for the CPU rows ``x`` clustered on :data:`DEVICE`, and the seconds it took
+    (the copy to the device is not timed)."""
+    xd = x.to(DEVICE)
+    _sync()
     t0 = time.perf_counter()
-    labels = cl.balanced_kmeans(x, k, seed=seed, cache=False, progress=False)
-    return labels, time.perf_counter() - t0
+    labels = cl.balanced_kmeans(xd, k, seed=seed, cache=False, progress=False)
+    _sync()
+    return labels.cpu(), time.perf_counter() - t0
+
+
+def conversion_keys(n: int, d: int, centres: int, seed: int) -> torch.Tensor:
+    """``[n, d]`` bf16 rows around ``centres`` random directions, drawn as scale_7b.py draws gate rows."""
+    g = torch.Generator().manual_seed(seed)
+    c = torch.randn(centres, d, generator=g)
+    which = torch.randint(0, centres, (n,), generator=g)
+    return ((c[which] + 0.5 * torch.randn(n, d, generator=g)) * 0.02).to(torch.bfloat16)
+
+
+def bench_conversion(args: argparse.Namespace) -> dict[str, Any]:
+    """Seconds to cluster one conversion-shaped key matrix as ``emoe.apply`` does, plus a split."""
+    x = conversion_keys(args.n, args.d, args.k, args.seed)
+    xd = x.to(DEVICE)
+    total, init = [], []
+    labels = None
+    for _ in range(args.convert_repeats):
+        cl.clear_cluster_cache()
+        _sync()
+        t0 = time.perf_counter()
+        labels = cl.balanced_kmeans(xd, args.k, seed=args.seed, progress=False)
+        _sync()
+        total.append(time.perf_counter() - t0)
+        u = F.normalize(xd.float(), dim=1)
+        _sync()
+        t0 = time.perf_counter()
+        cl._kmeans_pp(u, args.k, torch.Generator().manual_seed(args.seed))
+        _sync()
+        init.append(time.perf_counter() - t0)
+    cl.clear_cluster_cache()
+    assert labels is not None
+    labels = labels.cpu()
+    t, t_init = statistics.median(total), statistics.median(init)
+    print(f"conversion_structured: {t:.2f} s per FFN (k-means++ {t_init:.2f} s)", flush=True)
+    return {
+        "n": args.n,
+        "d": args.d,
+        "k": args.k,
+        "seconds": t,
+        "seconds_all": total,
+        "seconds_kmeans_pp": t_init,
+        "seconds_rest": t - t_init,
+        "inertia_random_over_ours": cl.inertia(x, cl.random_balanced_labels(args.n, args.k, seed=1), args.k)
+        / cl.inertia(x, labels, args.k),
+    }
 
 
 def bench_one(kind: str, args: argparse.Namespace, exact_version: str | None) -> dict[str, Any]:
@@ -242,14 +307,20 @@ def main() -> None:
     ap.add_argument("--sweep-ks", type=int, nargs="+", default=[8, 16, 32, 64, 128])
     ap.add_argument("--sweep-rows", type=int, default=4096, help="rows (d_ff) of the k sweep")
     ap.add_argument("--sweep-repeats", type=int, default=3)
+    ap.add_argument("--convert-repeats", type=int, default=3, help="runs of the conversion measurement")
+    ap.add_argument("--convert-budget", type=float, default=2.5, help="target seconds per converted FFN")
     ap.add_argument("--quick", action="store_true", help="a small setting (< 60 s) with every measured path")
     ap.add_argument("--no-curves", action="store_true", help="skip the scaling sweeps")
+    ap.add_argument("--device", default="cpu", help="torch device our solver runs on (e.g. cuda)")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "emoe_clustering.json")
     args = ap.parse_args()
+    global DEVICE
+    DEVICE = torch.device(args.device)
     if args.quick:
         args.n, args.d, args.k, args.subsample, args.exact_timeout = 512, 64, 8, 256, 60.0
         args.sweep_d, args.sweep_k, args.sweep_d_ff = 64, 8, [128, 256, 512]
         args.sweep_ks, args.sweep_rows, args.sweep_repeats = [4, 8, 16], 256, 1
+        args.convert_repeats = 1
 
     exact_version = exact_available()
     load_before = os.getloadavg()
@@ -257,6 +328,7 @@ def main() -> None:
     for kind in args.kinds:
         print(f"{kind}: {args.n} x {args.d}, k = {args.k}", flush=True)
         rows[kind] = bench_one(kind, args, exact_version)
+    conversion = bench_conversion(args)
     curves = [] if args.no_curves else sweep(args)
     load_after = os.getloadavg()
 
@@ -282,9 +354,16 @@ def main() -> None:
         ratios[f"{kind}_time_ours_over_budget"] = r["time_ours"] / TIME_TARGET_S
         targets[f"{kind}_inertia_ours_over_exact"] = RATIO_TARGET
         targets[f"{kind}_time_ours_over_budget"] = 1.0
+    ratios["conversion_structured_time_over_budget"] = conversion["seconds"] / args.convert_budget
+    targets["conversion_structured_time_over_budget"] = 1.0
     notes = [
         f"time budget {TIME_TARGET_S:.0f} s at full size; inertia ratio against "
         f"{next(iter(rows.values()))['exact_solver']}",
+        f"conversion_structured ({conversion['n']} x {conversion['d']} bf16, k {conversion['k']}): "
+        f"{conversion['seconds']:.2f} s per FFN, of which k-means++ {conversion['seconds_kmeans_pp']:.2f} s "
+        f"(one blocked [trials, d] x [d, n] product per centre, memory-bound) and the rest (fp32 copy, finiteness "
+        f"check, cache-key hash, Lloyd iterations with the exact capacitated assignment) "
+        f"{conversion['seconds_rest']:.2f} s; budget {args.convert_budget:g} s",
         *(
             f"{c['name']}: exponent {c['exponent']:.2f} (R² {c['r2']:.3f}) over {c['x_label']} "
             f"{c['x'][0]:g}..{c['x'][-1]:g}"
@@ -296,7 +375,9 @@ def main() -> None:
         "setting": {k_: (str(v) if isinstance(v, Path) else v) for k_, v in vars(args).items()},
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
-        "median_seconds": {kind: r["time_ours"] for kind, r in rows.items()},
+        "device": str(DEVICE) if DEVICE.type != "cuda" else f"{DEVICE} ({torch.cuda.get_device_name(DEVICE)})",
+        "median_seconds": {kind: r["time_ours"] for kind, r in rows.items()}
+        | {"conversion_structured": conversion["seconds"]},
         "ratios": ratios,
         "targets": targets,
         "met": {k_: ratios[k_] <= v for k_, v in targets.items()},
@@ -313,6 +394,7 @@ def main() -> None:
             "algorithm_version": cl.ALGORITHM_VERSION,
         },
         "results": rows,
+        "conversion": conversion,
         "all_targets_met": all(r["meets_time_target"] and r["meets_ratio_target"] for r in rows.values()),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)

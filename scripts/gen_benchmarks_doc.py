@@ -242,7 +242,7 @@ def render_growth_checkpoint(data: dict[str, Any], name: str) -> list[str]:
         f"(target {s['rss_target_mib']:.1f} MiB: {'met' if s['rss_within_target'] else 'missed'}).",
         "",
     ]
-    return out + curves_section(data, name)
+    return out + _targets_table(data) + curves_section(data, name)
 
 
 # --- performance benchmarks: ratios against a baseline in the same run, scaling curves ----------

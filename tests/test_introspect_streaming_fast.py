@@ -17,7 +17,7 @@ from modulart.core.errors import IncompatibleArtifactError
 from modulart.introspect.checkpoint import CheckpointSource
 from modulart.introspect.footprint import footprint
 from modulart.introspect.prefetch import Job, Prefetcher
-from modulart.introspect.static import _gram, _gram_reference, scan_layer
+from modulart.introspect.static import _Buffers, _gram, _gram_reference, _jobs, _Plan, _reduce_layer, scan_layer
 from modulart.introspect.stored import StoredMatrix, checkpoint_index
 
 
@@ -69,6 +69,69 @@ def test_preadv_read_equals_get_slice(tmp_path: Path) -> None:
         for c in range(3):
             assert torch.equal(fast.chunk(c, 3).tensor, slow.chunk(c, 3).tensor)
         fast.hint(1, 3)
+
+
+def test_transient_reads_equal_fresh_reads_and_reuse_one_buffer(tmp_path: Path) -> None:
+    gu = torch.randn(3, 12, 8).bfloat16()
+    save_file({"gu": gu}, str(tmp_path / "model.safetensors"))
+    entry = checkpoint_index(tmp_path)["gu"]
+    StoredMatrix(entry, "gu", footprint(gu[0], gu)).chunk_transient(0, 1)  # the largest block: grown once
+    ptrs = set()
+    for view in (gu[1][6:], gu[2][:6], gu[0], gu[1][::2]):  # the last one is strided: read by get_slice
+        m = StoredMatrix(entry, "gu", footprint(view, gu))
+        for c in range(3):
+            fresh = m.chunk(c, 3)
+            t = m.chunk_transient(c, 3)
+            assert (t.axis, t.start, t.stop) == (fresh.axis, fresh.start, fresh.stop)
+            assert torch.equal(t.tensor, fresh.tensor) and torch.equal(
+                fresh.tensor, view[m.fp.shape[0] * c // 3 :][: t.tensor.shape[0]]
+            )
+            if view.is_contiguous():
+                ptrs.add(t.tensor.untyped_storage().data_ptr())
+    assert len(ptrs) == 1  # every contiguous transient block lands in the same scratch buffer
+    fresh = StoredMatrix(entry, "gu", footprint(gu[0], gu)).full()
+    StoredMatrix(entry, "gu", footprint(gu[1], gu)).chunk_transient(0, 1)
+    assert torch.equal(fresh, gu[0].float())  # a plain read is never the scratch buffer
+
+
+def test_reused_chunk_buffers_give_the_numbers_of_fresh_ones(tmp_path: Path) -> None:
+    d = _ckpt(tmp_path, layers=3)
+    src = CheckpointSource(d)
+    budget = int(0.002 * (1 << 20))  # several chunks per matrix: buffers are handed back and refilled
+    todo = [mi.static.LayerScan(lambda p=p: src.layer(p), ["act", "up", "down"], ["act"]) for p in range(3)]
+    got = list(mi.static.scan_layers(todo, budget))
+    # the reference: fresh buffers, fresh reads (the form before the buffers were reused)
+    plain = StoredMatrix.chunk
+    items = (j.run() for j in _jobs(todo, budget, ("expert",), None))
+    orig = StoredMatrix.chunk_transient
+    try:
+        StoredMatrix.chunk_transient = plain  # type: ignore[method-assign]
+        ref = []
+        for first in items:
+            assert isinstance(first, _Plan)
+            ref.append(_reduce_layer(first, items, None))
+    finally:
+        StoredMatrix.chunk_transient = orig  # type: ignore[method-assign]
+    assert len(ref) == len(got) == 3
+    for s, r in zip(got, ref, strict=True):
+        for m in ("act", "up", "down"):
+            assert torch.equal(s.gram[m], r.gram[m]) and torch.equal(s.neuron_mean[m], r.neuron_mean[m])
+        assert torch.equal(s.zgram["act"], r.zgram["act"])
+    assert not _threads()
+
+
+def test_chunk_buffers_are_reused_and_bounded() -> None:
+    pool = _Buffers(2)
+    a = pool.take(2, 6)
+    pool.give(a)
+    b = pool.take(3, 4)  # fits in a's storage
+    assert b.shape == (3, 4) and b.is_contiguous() and b.data_ptr() == a.data_ptr()
+    c = pool.take(2, 3)
+    for t in (b, c, torch.empty(5), torch.empty(5)):
+        pool.give(t)
+    assert len(pool._free) == 2  # at most ``keep`` are kept
+    big = pool.take(10, 10)  # nothing large enough: a new one, one too-small one dropped
+    assert big.shape == (10, 10) and len(pool._free) == 1
 
 
 def test_prefetcher_bounded_and_in_order() -> None:
@@ -167,3 +230,11 @@ def test_benchmark_quick_smoke(tmp_path: Path) -> None:
 
     rec = json.loads(out.read_text())
     assert {"ratios", "runs", "max_abs_diff_stream_vs_in_memory"} <= set(rec)
+    for key in ("benchmark", "setting", "threads", "torch", "median_seconds", "ratios", "targets", "met", "curves"):
+        assert key in rec, key
+    assert set(rec["targets"]) | set(rec.get("targets_min", {})) == set(rec["met"])
+    assert set(rec["targets"]) | set(rec.get("targets_min", {})) <= set(rec["ratios"])
+    assert {c["name"] for c in rec["curves"]} == {"peak RSS vs checkpoint size", "analysis time vs checkpoint size"}
+    assert all(isinstance(c["exponent"], float) and len(c["x"]) >= 2 for c in rec["curves"])
+    assert rec["notes"] and all(isinstance(n, str) for n in rec["notes"])
+    assert not (tmp_path / "ck").exists()  # the synthetic checkpoints are deleted

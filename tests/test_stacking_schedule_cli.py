@@ -129,3 +129,13 @@ def test_checkpoint_benchmark_quick(tmp_path: Path) -> None:
     assert "RSS above the interpreter baseline" in out.stdout and ": OK;" in out.stdout
     assert list(work.iterdir()) == []  # the synthetic checkpoint is deleted
     assert result.is_file()
+    import json
+
+    rec = json.loads(result.read_text())
+    for key in ("benchmark", "setting", "threads", "torch", "median_seconds", "ratios", "targets", "met", "curves"):
+        assert key in rec, key
+    assert {"results", "summary", "dims"} <= set(rec)  # the earlier keys stay
+    assert set(rec["targets"]) <= set(rec["ratios"]) and set(rec["met"]) == set(rec["targets"])
+    (grow,) = rec["curves"]
+    assert grow["name"] == "grow_checkpoint" and len(grow["x"]) == 4 and isinstance(grow["exponent"], float)
+    assert all(isinstance(n, str) for n in rec["notes"])

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import threading
 from collections import defaultdict
 from collections.abc import Callable, Collection, Generator, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -43,6 +44,7 @@ from modulart.introspect.sources import (
     chunk_count,
     common_axis,
 )
+from modulart.introspect.stored import StoredMatrix
 
 __all__ = [
     "LayerScan",
@@ -187,7 +189,39 @@ def _plan_layer(
 _Chunk = tuple[torch.Tensor, list[tuple[int, int, int, tuple[int, ...]]]]
 
 
-def _jobs(layers: Iterable[LayerScan], budget_bytes: int, pca_kinds: Collection[str]) -> Iterator[Job[_Plan | _Chunk]]:
+class _Buffers:
+    """fp32 chunk buffers handed back by the caller once reduced and reused by the reader thread, so a
+    pass does not fault in fresh pages for every chunk (a fresh 100 MB buffer costs several times the
+    bf16 -> fp32 copy into it). At most ``keep`` free buffers are kept; the caller gives a buffer back
+    before it asks for the next chunk, so with ``keep = depth`` no more than ``depth`` buffers exist."""
+
+    def __init__(self, keep: int) -> None:
+        self._free: list[torch.Tensor] = []
+        self._keep = keep
+        self._lock = threading.Lock()
+
+    def take(self, rows: int, cols: int) -> torch.Tensor:
+        """``[rows, cols]`` fp32, contiguous, uninitialised (a reused buffer when one is large enough)."""
+        need = rows * cols
+        with self._lock:
+            fits = [i for i, b in enumerate(self._free) if b.numel() >= need]
+            buf = self._free.pop(fits[0]) if fits else None
+            if buf is None and self._free:
+                self._free.pop(0)  # too small: dropped, so the count stays bounded
+        if buf is None:
+            buf = torch.empty(need)
+        return buf.view(-1)[:need].view(rows, cols)
+
+    def give(self, t: torch.Tensor) -> None:
+        """Hand back a buffer from :meth:`take` (the caller must hold no view of it any more)."""
+        with self._lock:
+            if len(self._free) < self._keep:
+                self._free.append(t)
+
+
+def _jobs(
+    layers: Iterable[LayerScan], budget_bytes: int, pca_kinds: Collection[str], buffers: _Buffers | None = None
+) -> Iterator[Job[_Plan | _Chunk]]:
     """The reader thread's work, in the order the caller consumes it: per layer its plan, then every
     group's chunks."""
     for item in layers:
@@ -198,7 +232,7 @@ def _jobs(layers: Iterable[LayerScan], budget_bytes: int, pca_kinds: Collection[
                 what = ", ".join(r.describe() for r in grp.readers[:2]) + (", ..." if len(grp.readers) > 2 else "")
                 yield Job(
                     f"layer {plan.reader.index} {grp.matrix!r} chunk {c + 1}/{grp.n} of {what}",
-                    functools.partial(_read_chunk, grp.readers, c=c, n=grp.n, axis=grp.axis),
+                    functools.partial(_read_chunk, grp.readers, c=c, n=grp.n, axis=grp.axis, buffers=buffers),
                     functools.partial(_hint_chunk, grp.readers, c=c, n=grp.n, axis=grp.axis),
                 )
 
@@ -237,13 +271,15 @@ def scan_layers(
         >>> [tuple(s.cosine("down").shape) for s in scan_layers(todo)]
         [(4, 4), (4, 4)]
     """
-    with Prefetcher(_jobs(layers, budget_bytes, pca_kinds), depth, name="modulart-introspect-reader") as items:
+    buffers = _Buffers(depth)
+    jobs = _jobs(layers, budget_bytes, pca_kinds, buffers)
+    with Prefetcher(jobs, depth, name="modulart-introspect-reader") as items:
         for first in items:
             assert isinstance(first, _Plan)
-            yield _reduce_layer(first, items)
+            yield _reduce_layer(first, items, buffers)
 
 
-def _reduce_layer(plan: _Plan, items: Iterator[_Plan | _Chunk]) -> LayerWeightStats:
+def _reduce_layer(plan: _Plan, items: Iterator[_Plan | _Chunk], buffers: _Buffers | None = None) -> LayerWeightStats:
     """Accumulate one layer's chunks (taken from ``items`` in plan order) into its statistics."""
     reader = plan.reader
     members, kinds = reader.members, reader.kinds
@@ -280,7 +316,10 @@ def _reduce_layer(plan: _Plan, items: Iterator[_Plan | _Chunk]) -> LayerWeightSt
             g += _gram(flat)
             if len(zrows) > 1:
                 zgrams[matrix][pos[:, None], pos[None, :]] += _zscored_gram(flat, zrows)
-            del flat, item
+            del item, blk
+            if buffers is not None:
+                buffers.give(flat)  # reduced: the reader thread may refill it
+            del flat
         idx = torch.tensor(group)
         grams[matrix][idx[:, None], idx[None, :]] = g.float()
         sums_[matrix][idx] = (acc / float(shape[na])).float()
@@ -292,16 +331,18 @@ def _reduce_layer(plan: _Plan, items: Iterator[_Plan | _Chunk]) -> LayerWeightSt
 
 
 def _read_chunk(
-    readers: list[TensorReader], *, c: int, n: int, axis: int
+    readers: list[TensorReader], *, c: int, n: int, axis: int, buffers: _Buffers | None = None
 ) -> tuple[torch.Tensor, list[tuple[int, int, int, tuple[int, ...]]]]:
-    """Chunk ``c`` of every reader into one fp32 ``[g, chunk]`` buffer, one block in flight at a time;
-    with each block's ``(axis, start, stop, shape)``."""
+    """Chunk ``c`` of every reader into one fp32 ``[g, chunk]`` buffer (from ``buffers`` when given),
+    one block in flight at a time (stored blocks read into a reused scratch buffer); with each block's
+    ``(axis, start, stop, shape)``."""
     flat: torch.Tensor | None = None
     spans = []
     for i, r in enumerate(readers):
-        b = r.chunk(c, n, axis)
+        b = r.chunk_transient(c, n, axis) if isinstance(r, StoredMatrix) else r.chunk(c, n, axis)
         if flat is None:
-            flat = torch.empty(len(readers), b.tensor.numel())
+            numel = b.tensor.numel()
+            flat = buffers.take(len(readers), numel) if buffers is not None else torch.empty(len(readers), numel)
         flat[i].copy_(b.tensor.reshape(-1))  # fp32 from the stored dtype, one pass
         spans.append((b.axis, b.start, b.stop, tuple(b.tensor.shape)))
         del b

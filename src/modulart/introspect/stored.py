@@ -7,7 +7,9 @@ the file (the usual case: chunks run along the outermost stored axis), else with
 ``safe_open(...).get_slice``; each read opens the file and closes it again, so no pages stay
 mapped and peak memory stays at one chunk, whatever the model size. :meth:`StoredMatrix.hint`
 asks the kernel to start reading a chunk's bytes (``posix_fadvise(WILLNEED)``) while the previous
-chunk is reduced.
+chunk is reduced. :meth:`StoredMatrix.chunk_transient` reads into a per-thread scratch buffer that is
+reused from read to read (the streaming pass converts each block to fp32 at once), so a pass over the
+checkpoint does not fault in fresh pages for every block.
 
 Example:
     >>> import tempfile, torch
@@ -29,6 +31,7 @@ import json
 import os
 import struct
 import sys
+import threading
 from dataclasses import dataclass
 from os import PathLike
 from pathlib import Path
@@ -146,6 +149,19 @@ def plain(shape: tuple[int, int]) -> Footprint:
     return Footprint((0, 0), ((0, 1), (1, 1)), shape)
 
 
+_SCRATCH = threading.local()
+
+
+def _scratch(nbytes: int) -> torch.Tensor:
+    """``[nbytes]`` uint8: the start of this thread's scratch buffer (grown when too small, else reused:
+    its pages are already mapped). It lives as long as the thread."""
+    buf: torch.Tensor | None = getattr(_SCRATCH, "buf", None)
+    if buf is None or buf.numel() < nbytes:
+        _SCRATCH.buf = None  # the old one freed before the larger one is mapped
+        _SCRATCH.buf = buf = torch.empty(nbytes, dtype=torch.uint8)
+    return buf[:nbytes]
+
+
 class StoredMatrix(TensorReader):
     """A canonical matrix inside one stored tensor (a :class:`Footprint` of it), read by slices.
 
@@ -201,12 +217,21 @@ class StoredMatrix(TensorReader):
         contiguous = all(step == 1 for _, _, step in bounds) and last - first + 1 == count
         return self.entry.offset + first * item, (last - first + 1) * item, contiguous
 
+    def chunk_transient(self, c: int, n: int, axis: int | None = None) -> Block:
+        """:meth:`chunk`, but the block's tensor may be a view of this thread's scratch buffer: valid only
+        until the next transient read in the same thread (copy it before that). Same values as :meth:`chunk`."""
+        _SCRATCH.on = True
+        try:
+            return self.chunk(c, n, axis)
+        finally:
+            _SCRATCH.on = False
+
     def read(self, start: int, stop: int, axis: int) -> Block:
         fp = self.fp
         owner = {d: a for a, (d, _) in enumerate(fp.axes) if d >= 0}
         index = self._index(start, stop, axis)
         try:
-            t = self._pread(index)
+            t = self._pread(index, transient=getattr(_SCRATCH, "on", False))
             if t is None:
                 with safe_open(str(self.entry.file), framework="pt") as h:
                     t = h.get_slice(self.key)[tuple(index)]
@@ -226,14 +251,15 @@ class StoredMatrix(TensorReader):
                 t = t.unsqueeze(a)
         return Block(self.chunk_axis, start, stop, t)
 
-    def _pread(self, index: list[int | slice]) -> torch.Tensor | None:
+    def _pread(self, index: list[int | slice], *, transient: bool = False) -> torch.Tensor | None:
         """The block as ``get_slice(key)[index]`` would return it, by one positional read into a fresh
-        tensor; None when the block is not one contiguous byte range (or the layout is unknown)."""
+        tensor (``transient``: into this thread's reused scratch buffer); None when the block is not one
+        contiguous byte range (or the layout is unknown)."""
         offset, nbytes, contiguous = self._span(index)
         if not contiguous or sys.byteorder != "little":
             return None
         shape = [len(range(i.start, i.stop, i.step or 1)) for i in index if isinstance(i, slice)]
-        out = torch.empty(nbytes, dtype=torch.uint8)
+        out = _scratch(nbytes) if transient else torch.empty(nbytes, dtype=torch.uint8)
         if nbytes:
             buf = memoryview((ctypes.c_char * nbytes).from_address(out.data_ptr())).cast("B")
             fd = os.open(self.entry.file, os.O_RDONLY)

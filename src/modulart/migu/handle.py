@@ -47,7 +47,7 @@ from modulart.migu.config import MIGUConfig
 from modulart.migu.expert_group import ExpertGroup
 from modulart.migu.expert_stats import ExpertHistory, ExpertStats
 from modulart.migu.state import history_state, load_history_state
-from modulart.migu.stats import LayerStats, MaskHistory, UnitStats, random_mask, select_mask
+from modulart.migu.stats import LayerStats, MaskHistory, UnitStats, random_mask, select_masks
 from modulart.migu.targets import Target
 
 if TYPE_CHECKING:
@@ -246,6 +246,12 @@ class MIGUHandle(Handle[MIGUConfig]):
         self._all_reduce()
         cfg = self.config
         masking = not (cfg.skip_first_task and self._tasks_done == 0)
+        # the magnitude masks of all seen layers at once (one quantile per layer width, not per layer)
+        seen = [layer for layer in self.layers.values() if layer.acc.seen]
+        chosen: dict[int, torch.Tensor] = {}
+        if cfg.control != "random":
+            masks = select_masks([layer.acc.score() for layer in seen], cfg.keep_ratio, cfg.select)
+            chosen = {id(layer): keep for layer, keep in zip(seen, masks, strict=True)}
         for layer in self.layers.values():
             t = layer.target
             weight = _weight(t)
@@ -256,7 +262,7 @@ class MIGUHandle(Handle[MIGUConfig]):
             if cfg.control == "random":
                 keep = random_mask(t.units, cfg.keep_ratio, self._generator, local_tensor(weight).device)
             else:
-                keep = select_mask(layer.acc.score(), cfg.keep_ratio, cfg.select)
+                keep = chosen[id(layer)]
             layer.history.push(keep)
             if masking:
                 masker.set(weight, keep, axis=t.axis, bias=_bias(t) if cfg.mask_bias else None)

@@ -22,9 +22,19 @@ import torch
 
 from modulart.core.errors import InvalidStateError
 
-__all__ = ["LayerStats", "MaskHistory", "UnitStats", "jaccard", "keep_count", "random_mask", "select_mask"]
+__all__ = [
+    "LayerStats",
+    "MaskHistory",
+    "UnitStats",
+    "jaccard",
+    "keep_count",
+    "random_mask",
+    "select_mask",
+    "select_masks",
+]
 
 _EPS = 1e-12
+_QUANTILE_MAX = 2**24  # elements torch.quantile accepts in one call
 
 
 def keep_count(keep_ratio: float, units: int) -> int:
@@ -169,6 +179,35 @@ def select_mask(score: torch.Tensor, keep_ratio: float, select: str) -> torch.Te
         keep[torch.topk(s, keep_count(keep_ratio, s.numel())).indices] = True
         return keep
     return s >= torch.quantile(s, 1.0 - keep_ratio)
+
+
+def select_masks(scores: list[torch.Tensor], keep_ratio: float, select: str) -> list[torch.Tensor]:
+    """:func:`select_mask` of every score ``[units_i]``, in order; bool ``[units_i]`` each.
+
+    ``quantile``: the scores of equal length on one device are stacked ``[L, units]`` and share one
+    ``torch.quantile(..., dim=-1)`` (a per-row sort, gather and lerp: each row's threshold has the
+    bits of its own 1-D quantile, so the masks are :func:`select_mask`'s). ``topk``: one
+    :func:`select_mask` per score (``torch.topk`` breaks ties by its own rules).
+
+    Example:
+        >>> [m.tolist() for m in select_masks([torch.tensor([3.0, 1.0]), torch.tensor([0.0, 2.0])], 0.5, "quantile")]
+        [[True, False], [False, True]]
+    """
+    if select != "quantile":
+        return [select_mask(s, keep_ratio, select) for s in scores]
+    groups: dict[tuple[int, torch.device], list[int]] = {}
+    for i, s in enumerate(scores):
+        groups.setdefault((s.numel(), s.device), []).append(i)
+    out: list[torch.Tensor | None] = [None] * len(scores)
+    for (units, _), same in groups.items():
+        rows = max(1, _QUANTILE_MAX // units)  # torch.quantile refuses inputs above 2**24 elements
+        for start in range(0, len(same), rows):
+            idx = same[start : start + rows]
+            stacked = torch.stack([scores[i].detach().float().reshape(-1) for i in idx])
+            keep = stacked >= torch.quantile(stacked, 1.0 - keep_ratio, dim=-1, keepdim=True)
+            for i, row in zip(idx, keep.unbind(0), strict=True):
+                out[i] = row.clone().view(scores[i].shape)  # its own storage, as select_mask's
+    return [m for m in out if m is not None]
 
 
 def random_mask(units: int, keep_ratio: float, generator: torch.Generator, device: torch.device) -> torch.Tensor:
