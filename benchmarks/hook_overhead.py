@@ -5,19 +5,23 @@ configuration alike) with the median of each configuration reported:
 
 **tiny** (the fixed cost per hook): a randomly initialised 12-layer BERT (hidden 32, FFN 64) at
 batch 1 x 4 tokens, eval, no grad, where a forward is short enough for the per-site cost of a hook
-to show. One sample is ``--reps`` forwards. Configurations:
+to show. ``--tiny-calls`` turns, each installing the configurations one after the other (in a fresh
+random order per turn) and timing one forward under each (after one untimed forward), so the
+per-site cost comes from that many side-by-side pairs of single forwards of the same model (blocks
+of forwards per configuration left a whole forward's drift in each difference). Configurations:
 
 - ``bare``: the model, no hooks;
 - ``empty_scope``: inside an open ``HookRegistry(model).scope(...)`` with nothing installed;
 - ``torch_capture``: a plain ``register_forward_hook`` on every FFN output module, storing the output;
 - ``registry_capture``: the same capture through ``HookRegistry.at(ffn.output_site, ...)``.
 
-The cost per captured site is ``(t_config - t_bare) / n_sites`` (per forward, from the per-round
+The cost per captured site is ``(t_config - t_bare) / n_sites`` (the median of the per-forward
 paired differences), and the target is ``registry per-site cost <= 1.2 x torch per-site cost``.
 The same quantity is also measured on one site module called alone (``site_call``: the module's
 forward with no hook / a raw hook / a registry hook), where the forward of the rest of the model
-adds no noise. A sweep over 1, 2, 4, 8, 12 captured sites gives the scaling curves (overhead per
-forward against the number of sites, with the fitted exponent).
+adds no noise. A sweep over 1, 2, 4, 8, 12 captured sites gives the scaling curves: the 12 site
+modules called in turn with the first k of them hooked, overhead per pass against k, with the
+fitted exponent (a whole forward's noise would hide a few microseconds per site).
 
 **minilm** (the overhead at a realistic size): the real all-MiniLM-L6-v2 at ``--batch`` x
 ``--seq``, with the same four configurations; targets ``empty_scope / bare <= 1.03`` and
@@ -28,14 +32,16 @@ thread here, see ``--threads``), which a busy machine's scheduling does not infl
 wall`` uses ``time.perf_counter``.
 
 Usage:
-    python benchmarks/hook_overhead.py [--quick] [--reps 200] [--rounds 15] [--batch 8] [--seq 128]
+    python benchmarks/hook_overhead.py [--quick] [--tiny-calls 2000] [--batch 8] [--seq 128]
         [--minilm-rounds 30] [--clock thread|wall] [--no-curves] [--out results.json]
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
+import random
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -146,19 +152,59 @@ def measure(
     return times
 
 
+def interleaved(
+    configs: dict[str, Setup], run: Callable[[], None], calls: int, clock: Callable[[], float]
+) -> dict[str, list[float]]:
+    """Seconds of single calls of ``run``: ``calls`` turns, each installing every configuration in
+    turn (in a fresh random order: each configuration takes every place in a turn equally often, as
+    the place itself shifts a forward's time), calling ``run`` once untimed (path caches) and once
+    timed, then removing it; ``times[a][i]`` and ``times[b][i]`` were taken side by side."""
+    for _ in range(5):
+        run()
+    names = list(configs)
+    times: dict[str, list[float]] = {k: [] for k in names}
+    order = random.Random(0)
+    # the cyclic garbage collector is paused during the turns (and run between blocks of them): the
+    # objects a configuration allocates when it is installed would otherwise decide in which timed
+    # forward a collection lands, a cost of the install-per-turn design, not of a hook
+    gc.collect()
+    gc.disable()
+    try:
+        for i in range(calls):
+            for name in order.sample(names, len(names)):
+                teardown = configs[name]()
+                try:
+                    run()
+                    t0 = clock()
+                    run()
+                    times[name].append(clock() - t0)
+                finally:
+                    teardown()
+            if i % 200 == 199:
+                gc.collect()
+    finally:
+        gc.enable()
+    return times
+
+
 def paired_overhead(times: dict[str, list[float]], name: str, base: str = "bare") -> float:
     """Median over rounds of ``t_name - t_base`` (seconds per call; the two were timed side by side)."""
     return statistics.median(a - b for a, b in zip(times[name], times[base], strict=True))
 
 
+def _slope(xs: Sequence[float], ys: Sequence[float]) -> float:
+    """Least-squares slope of ``ys`` against ``xs`` (a straight line, intercept free)."""
+    mx, my = statistics.fmean(xs), statistics.fmean(ys)
+    return sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / sum((x - mx) ** 2 for x in xs)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="a small setting (< 60 s) with the same JSON keys")
-    ap.add_argument("--reps", type=int, default=200, help="tiny model: forwards per sample")
-    ap.add_argument("--rounds", type=int, default=15, help="tiny model: interleaved rounds")
+    ap.add_argument("--tiny-calls", type=int, default=2000, help="tiny model: timed forwards per configuration")
     ap.add_argument("--site-calls", type=int, default=2000, help="site_call: module calls per sample")
     ap.add_argument("--site-rounds", type=int, default=31)
-    ap.add_argument("--sweep-rounds", type=int, default=9, help="rounds of the sites sweep (the curves)")
+    ap.add_argument("--sweep-rounds", type=int, default=15, help="rounds of the sites sweep (the curves)")
     ap.add_argument("--batch", type=int, default=8, help="MiniLM batch")
     ap.add_argument("--seq", type=int, default=128, help="MiniLM tokens per sequence")
     ap.add_argument("--minilm-rounds", type=int, default=30)
@@ -168,7 +214,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "hook_overhead.json")
     args = ap.parse_args()
     if args.quick:
-        args.reps, args.rounds, args.site_calls, args.site_rounds, args.sweep_rounds = 20, 5, 500, 7, 3
+        args.tiny_calls, args.site_calls, args.site_rounds, args.sweep_rounds = 100, 500, 7, 3
         args.batch, args.seq, args.minilm_rounds = 1, 16, 5
     torch.set_num_threads(args.threads)
     clock = time.thread_time if args.clock == "thread" else time.perf_counter
@@ -185,7 +231,7 @@ def main() -> None:
         with torch.no_grad():
             tiny(input_ids=ids)
 
-    tiny_times = measure(configs_for(tiny, sites, store), tiny_forward, args.reps, args.rounds, clock)
+    tiny_times = interleaved(configs_for(tiny, sites, store), tiny_forward, args.tiny_calls, clock)
     tiny_med = {k: statistics.median(v) for k, v in tiny_times.items()}
     per_site = {k: paired_overhead(tiny_times, k) / n for k in ("torch_capture", "registry_capture")}
     empty_cost = paired_overhead(tiny_times, "empty_scope")
@@ -217,20 +263,30 @@ def main() -> None:
         for k in ks:
             sweep_configs[f"torch_{k}"] = torch_capture(sites[:k], store)
             sweep_configs[f"registry_{k}"] = registry_capture(tiny, sites[:k], store)
-        sweep_times = measure(sweep_configs, tiny_forward, args.reps, args.sweep_rounds, clock)
+        xs = torch.randn(1, 4, site.module.in_features, generator=torch.Generator().manual_seed(2))
+
+        def all_sites_call() -> None:  # every site module of the model called in turn, k of them hooked
+            for s in sites:
+                s.module(xs)
+
+        with torch.no_grad():
+            sweep_times = measure(sweep_configs, all_sites_call, args.site_calls // n, args.sweep_rounds, clock)
         for kind in ("registry", "torch"):
             ys = [paired_overhead(sweep_times, f"{kind}_{k}") * us for k in ks]
             sweep[kind] = {str(k): y for k, y in zip(ks, ys, strict=True)}
             floor = 1e-3
             clamped = [k for k, y in zip(ks, ys, strict=True) if y <= floor]
-            note = f"{kind} capture; median paired difference to bare over {args.sweep_rounds} rounds"
+            note = (
+                f"{kind} capture; the {n} site modules called in turn, k hooked; median paired difference "
+                f"to none hooked over {args.sweep_rounds} rounds"
+            )
             if clamped:
                 note += f"; sites {clamped} measured <= 0 (noise) and were clamped to {floor} us for the fit"
             curves.append(
                 curve(
-                    f"{kind} capture overhead vs captured sites (tiny BERT, 1x4 tokens)",
+                    f"{kind} capture overhead vs captured sites (tiny BERT's site modules, 1x4 tokens)",
                     "captured sites",
-                    "overhead per forward (us)",
+                    "overhead per pass over the sites (us)",
                     ks,
                     [max(y, floor) for y in ys],
                     note,
@@ -265,6 +321,14 @@ def main() -> None:
         "registry_capture_vs_torch_capture": m_med["registry_capture"] / m_med["torch_capture"],
         "torch_capture_vs_bare": m_med["torch_capture"] / m_med["bare"],
     }
+    if sweep:  # the per-site slope of overhead against hooked sites: the whole sweep in one number
+        ks_swept = [float(k) for k in sweep["registry"]]
+        slope = {kind: _slope(ks_swept, list(sweep[kind].values())) for kind in ("registry", "torch")}
+        ratios["sweep_registry_vs_torch_per_site"] = slope["registry"] / slope["torch"]
+        notes.append(
+            f"sites sweep: least-squares slope of the overhead per pass, registry {slope['registry']:.2f} us per "
+            f"hooked site vs raw torch hook {slope['torch']:.2f} us"
+        )
     targets = {
         "tiny_registry_vs_torch_per_site": 1.2,
         "site_call_registry_vs_torch": 1.2,

@@ -22,6 +22,7 @@ import collections
 import contextlib
 import functools
 import json
+import os
 import resource
 import statistics
 import subprocess
@@ -355,8 +356,9 @@ def main() -> None:
     by_cost = sorted(prof_at["parts_seconds"].items(), key=lambda kv: -kv[1])
     parts8 = ", ".join(f"{k} {v * 1e3:.2f} ms" for k, v in by_cost)
     notes = [
-        f"shared {torch.get_num_threads()}-thread CPU machine: timings are noisy; ratios compare interleaved "
-        "rounds of a plain and a MIGU model in the same process (medians)",
+        f"{torch.get_num_threads()} torch threads on {os.cpu_count()} CPUs (1-minute load average "
+        f"{os.getloadavg()[0]:.2f} at the end of the run); ratios compare interleaved rounds of a plain and a "
+        "MIGU model in the same process (medians); a loaded machine scatters them",
         f"MIGU-only work at batch {prof_at['batch']} x {s}: {prof_at['migu_only_seconds'] * 1e3:.2f} ms of a "
         f"{prof_at['step_seconds'] * 1e3:.1f} ms step ({parts8}); the interleaved medians differed by "
         f"{diff_ms:.1f} ms there. Not in the direct timing: hook dispatch, the closures around record, and "

@@ -12,8 +12,9 @@ Phases, each in a fresh subprocess (peak RSS from ``/proc/self/status`` VmHWM, r
    k 16; a tqdm bar on a terminal); clustering quality (inertia of a random balanced split over
    the k-means inertia, per layer); one EMoE forward on a short batch; then the dense model saved
    with ``save_pretrained``. Targets: conversion <= 90 s, peak RSS <= the model's size + 2 GB.
-2. ``migu``: the saved model loaded; ``modulart.migu.apply`` (keep ratio 0.3) and one SGD step on a
-   short batch; the fraction of each gated layer's rows that moved.
+2. ``migu``: the saved model loaded; ``modulart.migu.apply`` (keep ratio 0.3, gradient masking only:
+   with plain SGD a zero gradient already keeps a row in place, and ``freeze_masked_rows`` would copy
+   every gated weight) and one SGD step on a short batch; the fraction of a gated layer's rows that moved.
 3. ``grow``: ``modulart.stacking.grow_checkpoint`` x2 of the saved checkpoint (32 -> 64 blocks).
 4. ``stream``: a Mixtral-shaped checkpoint (d 4096, d_ff 14336, 8 experts, per-expert keys) of
    comparable size, written, then its streamed weight report against a raw read of the files.
@@ -163,7 +164,10 @@ def phase_migu(s: dict[str, Any], work: Path) -> dict[str, Any]:
     with _Timer(rec, "load"):
         model = AutoModelForCausalLM.from_pretrained(work / "dense", dtype=torch.bfloat16)
     opt = torch.optim.SGD(model.parameters(), lr=1e-2)
-    handle = mt.migu.apply(model, keep_ratio=0.3, optimizer=opt)
+    # plain SGD (no momentum, no weight decay) leaves a row with a zero gradient where it is, so the
+    # default freeze_masked_rows=True would only add a copy of every gated weight (~8 GiB here, which
+    # with the weights and their gradients no longer fits 24 GiB): gradient masking alone, as the reference
+    handle = mt.migu.apply(model, keep_ratio=0.3, optimizer=opt, freeze_masked_rows=False)
     gated = list(handle.plan.targets)
     probe_path = next(p for p in gated if ".mlp." in p)
     probe = model.get_submodule(probe_path).weight
@@ -174,7 +178,12 @@ def phase_migu(s: dict[str, Any], work: Path) -> dict[str, Any]:
         opt.step()
         opt.zero_grad(set_to_none=True)
     moved = (probe.detach() != before).any(dim=1).float().mean().item()
-    rec |= {"gated_layers": len(gated), "probe_layer": probe_path, "probe_rows_moved": moved}
+    rec |= {
+        "gated_layers": len(gated),
+        "probe_layer": probe_path,
+        "probe_rows_moved": moved,
+        "freeze_masked_rows": False,
+    }
     handle.remove()
     return rec
 
@@ -260,7 +269,8 @@ def main(argv: list[str] | None = None) -> int:
         "clustering quality: a random balanced split's inertia over the k-means inertia, per layer: "
         f"min {c['inertia_random_over_kmeans']['min']:.2f}, mean {c['inertia_random_over_kmeans']['mean']:.2f}",
         f"EMoE forward of {s['tokens']} tokens: {c['emoe_forward']['seconds']:.1f} s; MIGU step (SGD, "
-        f"{phases['migu']['gated_layers']} gated layers): {phases['migu']['migu_step']['seconds']:.1f} s at a peak "
+        f"{phases['migu']['gated_layers']} gated layers, gradient masking only): "
+        f"{phases['migu']['migu_step']['seconds']:.1f} s at a peak "
         f"RSS of {phases['migu']['migu_step']['peak_rss_gib']:.2f} GiB (weights + gradients); "
         f"{phases['migu']['probe_rows_moved']:.3f} of {phases['migu']['probe_layer']}'s rows moved (keep ratio 0.3)",
         f"grow_checkpoint x2 ({c['saved_bytes'] / GIB:.2f} -> {phases['grow']['output_bytes'] / GIB:.2f} GiB, "

@@ -190,7 +190,7 @@ def test_assignment_to_fixed_centroids_is_optimal(monkeypatch: pytest.MonkeyPatc
         g = _gen(seed)
         x = torch.randn(n, 5, generator=g)
         centres = torch.randn(6, 5, generator=g)
-        monkeypatch.setattr(cl, "_kmeans_pp", lambda v, k, gen, c=centres: c.clone())
+        monkeypatch.setattr(cl, "_kmeans_pp", lambda v, k, gen, sq=None, c=centres: c.clone())
         labels = balanced_kmeans(x, 6, max_iter=1, normalize=False, cache=False).numpy()
         cost = torch.cdist(x.double(), centres.double()).square().numpy()
         ours = float(cost[np.arange(n), labels].sum())

@@ -219,6 +219,21 @@ def test_blocked_candidate_dots_fall_back_when_they_differ(monkeypatch: pytest.M
     assert np.array_equal(dots(x[5:9]), _ref_to_numpy64(x[5:9] @ x.T))
 
 
+@pytest.mark.parametrize("n", [1, 511, 512, 513, 767, 768, 1000, 1301])
+@pytest.mark.parametrize("d", [1, 7, 96, 4097])
+def test_blocked_row_norms_equal_one_reduction(n: int, d: int) -> None:
+    x = _random(n, d, n * d)
+    assert np.array_equal(cl._row_sq(x), _ref_to_numpy64(x.square().sum(1)))
+
+
+def test_fp32_input_is_not_normalised_in_place() -> None:
+    x = _random(600, 8, 3)
+    before = x.clone()
+    labels = balanced_kmeans(x, 4, cache=False)
+    assert torch.equal(x, before)  # the caller's fp32 tensor is the working copy's source, never changed
+    assert torch.equal(labels, balanced_kmeans(x.double(), 4, cache=False))  # a private copy: in place
+
+
 def test_finiteness_check_fast_path() -> None:
     huge = torch.full((600, 4), 3e38)  # finite entries whose sum overflows: the entrywise check decides
     assert cl._check_vectors(huge, "v") is huge
@@ -240,12 +255,12 @@ def test_cache_key_is_the_hash_of_the_fp32_bytes(dtype: torch.dtype) -> None:
     import hashlib
 
     x = _random(40, 6, 0).to(dtype)
-    h = hashlib.blake2b(digest_size=20)
+    h = hashlib.sha256()
     h.update(f"{cl.ALGORITHM_VERSION}|n=40|d=6|k=4|seed=1|max_iter=9|norm=1|".encode())
     h.update(x.float().numpy().tobytes())
     x32 = x.to(torch.float32)
     for owned in (False, True):
-        assert cl._cache_key(x32, 4, seed=1, max_iter=9, normalize=True, owned=owned) == h.hexdigest()
+        assert cl._cache_key(x32, 4, seed=1, max_iter=9, normalize=True, owned=owned) == h.hexdigest()[:40]
 
 
 def test_cache_still_serves_equal_labels() -> None:

@@ -383,4 +383,5 @@ def test_hook_overhead_benchmark_quick_writes_its_keys(tmp_path: Path) -> None:
         assert key in data
     assert {"tiny_registry_vs_torch_per_site", "registry_capture_vs_torch_capture"} <= set(data["targets"])
     assert [c["x"] for c in data["curves"]] == [[1.0, 2.0, 4.0, 8.0, 12.0]] * 2
+    assert data["ratios"]["sweep_registry_vs_torch_per_site"] > 0  # the slope over the whole sweep
     assert all("exponent" in c for c in data["curves"])

@@ -307,7 +307,7 @@ class _Dispatcher:
         if _SUSPENDERS and _is_suspended():
             return output
         for e in self._run:
-            if not _runs_here(e):
+            if not e.enabled or (e.thread is not None and e.thread != get_ident()):  # = not _runs_here(e)
                 continue
             e.fired += 1
             site = e.site
@@ -334,7 +334,7 @@ class _Dispatcher:
             return None
         changed = False
         for e in self._run:
-            if not _runs_here(e):
+            if not e.enabled or (e.thread is not None and e.thread != get_ident()):  # = not _runs_here(e)
                 continue
             e.fired += 1
             site = e.site

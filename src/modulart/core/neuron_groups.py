@@ -47,6 +47,8 @@ __all__ = [
     "selection_mask",
 ]
 
+_CENTROID_ROWS = 1024  # key rows converted to fp32 at a time by ExpertGroups.centroids
+
 
 class ExpertGroups:
     """The neuron -> expert map of one FFN.
@@ -85,12 +87,17 @@ class ExpertGroups:
         return self.order[int(self.offsets[j]) : int(self.offsets[j + 1])]
 
     def centroids(self, keys: torch.Tensor) -> torch.Tensor:
-        """``keys [d_ff, d] -> [N, d]``: each expert's mean raw key row (fp32)."""
-        k = keys.float()
-        sums = torch.zeros(self.num_experts, k.shape[1], dtype=k.dtype, device=k.device).index_add_(
-            0, self.labels.to(k.device), k
-        )
-        return sums / self.sizes.to(k.device, k.dtype).unsqueeze(1)
+        """``keys [d_ff, d] -> [N, d]``: each expert's mean raw key row (fp32).
+
+        Keys of another dtype are converted to fp32 :data:`_CENTROID_ROWS` rows at a time (no
+        ``[d_ff, d]`` fp32 copy); the rows are added in the same order either way.
+        """
+        labels = self.labels.to(keys.device)
+        sums = torch.zeros(self.num_experts, keys.shape[1], dtype=torch.float32, device=keys.device)
+        step = max(1, keys.shape[0]) if keys.dtype == torch.float32 else _CENTROID_ROWS
+        for start in range(0, keys.shape[0], step):
+            sums.index_add_(0, labels[start : start + step], keys[start : start + step].float())
+        return sums / self.sizes.to(keys.device, torch.float32).unsqueeze(1)
 
     def expert_mass(self, h: torch.Tensor) -> torch.Tensor:
         """``h [T, d_ff] -> [T, N]``: mean ``|h|`` over each expert's neurons (fp32)."""

@@ -23,6 +23,7 @@ from torch import nn
 
 from modulart.core.errors import ConfigError, IncompatibleArtifactError, NonFiniteError, UnsupportedModuleError
 from modulart.core.ffn import FFN, find_ffns
+from modulart.core.finite import all_finite
 from modulart.core.naming import free_attribute_name
 from modulart.core.operator import Operator, Plan
 from modulart.core.select import select_views
@@ -118,7 +119,7 @@ class EMoE(Operator[EMoEConfig, EMoEPlan, EMoEHandle]):
         ffns = _chosen_ffns(model, config)
         _check_fits(ffns, config)
         for f in ffns:
-            if not f.keys.is_meta and not bool(whole(f.keys.detach()).isfinite().all()):
+            if not f.keys.is_meta and not all_finite(whole(f.keys.detach())):
                 raise NonFiniteError(
                     f"EMoE: the keys of FFN {f.path!r} hold NaN or inf values; neither the clustering nor the "
                     "router can use them (repair or reload the weights before apply)"

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from modulart.core.errors import IncompatibleArtifactError, NonFiniteError, UnsupportedOperationError
+from modulart.core.finite import all_finite
 from modulart.core.naming import free_attribute_name
 from modulart.core.operator import Operator, Plan
 from modulart.core.types import JSONValue, OptimizerLike, StateValue
@@ -51,7 +52,7 @@ def _finite(t: torch.Tensor) -> bool:
     to_local = getattr(local, "to_local", None)
     if callable(to_local):
         local = to_local()
-    return bool(local.isfinite().all())
+    return all_finite(local)
 
 
 @dataclass
