@@ -322,7 +322,8 @@ def main() -> None:
         "executor: one stable argsort groups assignments by expert; per expert one index_select into a reused "
         "buffer, one GEMM for the key (and up) columns, the activation, one GEMM for the value rows, index_add_ "
         "into the output; every GEMM writes into preallocated buffers; custom autograd backward replays the loop",
-        "tried: fresh per-expert tensors (the previous loop) pay a page-faulting allocation per GEMM output "
+        "tried during development (not measured by this run): "
+        "fresh per-expert tensors (the previous loop) pay a page-faulting allocation per GEMM output "
         "(about 1.4x slower GEMMs, 5-7x slower gathers); torch.bmm over padded capacity blocks wastes work "
         "under uneven load and its K = s GEMMs were slower than per-expert mm with an out= buffer",
     ]

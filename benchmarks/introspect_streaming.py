@@ -446,11 +446,12 @@ def main() -> None:
         f"pipeline: the reader thread reads and converts chunk k+1 (and hints chunk k+2 to the kernel) while the "
         f"caller reduces chunk k; overlap (reader + caller - wall) / min(reader, caller) = {overlap:.2f} "
         f"(1: the shorter side fully hidden); the pass is {bound}-bound (the busier side)",
-        "tried and kept: the reader reuses one scratch buffer for its positional reads and the caller hands each "
+        "tried and kept during development (not measured by this run): "
+        "the reader reuses one scratch buffer for its positional reads and the caller hands each "
         "reduced fp32 chunk buffer back for reuse: a fresh ~100 MB buffer per chunk paid a page fault per 4 KiB "
         "(the fp32 copy into a fresh buffer measured ~4.5x slower than into a reused one, the read ~4x)",
         "remaining cost above the raw read: the bf16 -> fp32 copy (the Gram and sums are fp32 for equal numbers) "
-        "and the Gram itself; with 2 cores shared by other jobs they cannot fully overlap",
+        "and the Gram itself; on 2 cores they cannot fully overlap",
         f"max |streamed - in-memory|: {diff}; S1 layer 0 max error vs fp64: {accuracy}",
     ]
     if args.quick:

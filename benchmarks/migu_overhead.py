@@ -369,8 +369,9 @@ def main() -> None:
         "order (other bits), so it was not used",
         "_decide: the quantile thresholds of all layers of one width share one torch.quantile(dim=-1) "
         "(per-row bits unchanged): 28 scores (20 x 256, 8 x 704) took 4.8 ms with one quantile per layer and "
-        "1.9 ms batched, measured in isolation on the shared machine",
-        "tried, not kept: torch.abs(out=) into a reused buffer (no faster: the allocator reuses the block); "
+        "1.9 ms batched (a design note: measured in isolation during development, not by this run)",
+        "tried during development, not kept (not measured by this run): "
+        "torch.abs(out=) into a reused buffer (no faster: the allocator reuses the block); "
         "saving and restoring only the masked rows with index_select / index_copy_ instead of clone + "
         "torch.where (7.4 -> 6.2 ms for the 28 weights in isolation: too little for a second, CPU-only path)",
         "freeze (freeze_masked_rows): one copy of every gated weight before the step (_before_step) and one "
